@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Stage 3, SFT: fine-tune the pretrained model on conversations (loss on the assistant replies only;
+# SFT_WHOLE_SEQ=1 trains on every token). Starts from LOAD_MODEL (the pretrain's rwkv-final.pth);
+# when $PROJ_DIR already holds rwkv-N.pth it continues from there instead (rerun after an interruption).
+# Longer contexts: CTX_LEN=1024 DATA_FILE=data/sft_1024 MY_EXIT_TOKENS=1430197426 MAGIC_PRIME=1396673
+#   LOAD_MODEL=out/L8-D512-x070-sft/rwkv-final.pth PROJ_DIR=out/L8-D512-x070-sft1024 (then 2048 likewise).
+# DATA_FILE/MY_EXIT_TOKENS/MAGIC_PRIME: what `python3 data/make_data.py FILE.jsonl N_EPOCH CTX_LEN` printed
+# (defaults: MiniMind's sft_512.jsonl at ctx 512). Every setting can be overridden from the environment:
+#   DATA_FILE=data/sft MY_EXIT_TOKENS=... MAGIC_PRIME=... bash demo-training-run-sft.sh
+# With a GPU: bf16 + DeepSpeed ZeRO-2; without one: CPU, fp32, one process. Multi-GPU: GPU_PER_NODE=8;
+# multi-node: N_NODE=2 plus MASTER_ADDR, MASTER_PORT and NODE_RANK on every node (Lightning reads them).
+# Paths are relative to this folder (the script changes into it). Extra arguments go to train.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL_TYPE="${MODEL_TYPE:-x070}"
+N_LAYER="${N_LAYER:-8}"
+N_EMBD="${N_EMBD:-512}"
+HEAD_SIZE="${HEAD_SIZE:-64}"
+VOCAB_SIZE="${VOCAB_SIZE:-6400}"
+CTX_LEN="${CTX_LEN:-512}"
+PRETRAIN_DIR="${PRETRAIN_DIR:-out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}}"
+PROJ_DIR="${PROJ_DIR:-${PRETRAIN_DIR}-sft}"
+M_BSZ="${M_BSZ:-16}"
+LR_INIT="${LR_INIT:-2e-5}"
+LR_FINAL="${LR_FINAL:-1e-6}"
+GRAD_CP="${GRAD_CP:-0}"
+EPOCH_SAVE="${EPOCH_SAVE:-1}"
+EPOCH_STEPS="${EPOCH_STEPS:-0}"      # 0: 40320 samples per mini-epoch (SPEC); set it for small data
+N_NODE="${N_NODE:-1}"
+GPU_PER_NODE="${GPU_PER_NODE:-1}"
+DS_BUCKET_MB="${DS_BUCKET_MB:-2}"
+MY_EXIT_TOKENS="${MY_EXIT_TOKENS:-1843253579}"
+MAGIC_PRIME="${MAGIC_PRIME:-3600053}"
+DATA_FILE="${DATA_FILE:-data/sft_512}"
+DATA_TYPE="${DATA_TYPE:-sft}"
+SFT_WHOLE_SEQ="${SFT_WHOLE_SEQ:-0}"     # 1: loss on every token, not only the replies
+LOAD_MODEL="${LOAD_MODEL:-${PRETRAIN_DIR}/rwkv-final.pth}"
+WANDB="${WANDB:-}"                   # a wandb project name to log there
+RANDOM_SEED="${RANDOM_SEED:--1}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ -z "${ACCELERATOR:-}" ]; then
+  if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    ACCELERATOR=gpu
+  else
+    ACCELERATOR=cpu
+  fi
+fi
+if [ "$ACCELERATOR" = cpu ]; then
+  PRECISION="${PRECISION:-fp32}"
+  STRATEGY="${STRATEGY:-auto}"
+else
+  PRECISION="${PRECISION:-bf16}"
+  STRATEGY="${STRATEGY:-deepspeed_stage_2}"
+fi
+
+"$PYTHON" train.py --train_stage 3 --proj_dir "$PROJ_DIR" --load_model "$LOAD_MODEL" --wandb "$WANDB" \
+  --my_testing "$MODEL_TYPE" --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" \
+  --vocab_size "$VOCAB_SIZE" --ctx_len "$CTX_LEN" --micro_bsz "$M_BSZ" \
+  --lr_init "$LR_INIT" --lr_final "$LR_FINAL" --warmup_steps 10 --beta1 0.9 --beta2 0.99 --adam_eps 1e-18 \
+  --weight_decay 0.001 --grad_cp "$GRAD_CP" --epoch_save "$EPOCH_SAVE" --epoch_steps "$EPOCH_STEPS" \
+  --my_exit_tokens "$MY_EXIT_TOKENS" --magic_prime "$MAGIC_PRIME" --data_file "$DATA_FILE" \
+  --data_type "$DATA_TYPE" --sft_whole_seq "$SFT_WHOLE_SEQ" --random_seed "$RANDOM_SEED" --num_nodes "$N_NODE" --devices "$GPU_PER_NODE" \
+  --ds_bucket_mb "$DS_BUCKET_MB" --accelerator "$ACCELERATOR" --precision "$PRECISION" \
+  --strategy "$STRATEGY" --enable_progress_bar True "$@"

@@ -1,0 +1,447 @@
+"""What the Lightning fit loop needs beyond the model and the data: LR schedule, progress, logs, checkpoints.
+
+train.py builds one `TrainingMonitor` (a Lightning Callback) per run and hands it everything
+explicitly; all run state (step counters, loss sums, timers) lives in the callback, nothing is
+pushed onto the Trainer or the model.
+
+Steps and tokens. One optimizer step consumes real_bsz = num_nodes * devices * micro_bsz samples of
+ctx_len tokens. `step` counts optimizer steps since the start of training (across resumes); a
+mini-epoch is `epoch_steps` steps, so mini-epoch e ends when step == (e + 1) * epoch_steps.
+Training ends at `total_steps`, the first step whose tokens reach my_exit_tokens.
+
+LR (SPEC section 4), evaluated before each step from the tokens seen before it:
+    progress = clip((tokens - warmup_tokens) / (exit_tokens - warmup_tokens), 0, 1)
+    lr = lr_init * ((1 + f) / 2 + (1 - f) / 2 * cos(pi * progress)),   f = lr_final / lr_init
+    times 0.01 + 0.99 * warm_step / warmup_steps while warm_step < warmup_steps
+and each optimizer group gets lr * group["my_lr_scale"]. warm_step counts the steps taken by the
+current Adam moments: an exact resume carries it on, a weights-only start (rwkv-init, --load_model,
+or a checkpoint without its optimizer state) warms up again because its moments start from zero.
+
+Files written into proj_dir (rank 0 writes; every file via a temporary name and os.replace):
+- rwkv-N.pth       plain state_dict (SPEC keys) after mini-epoch N, every epoch_save mini-epochs,
+                   in the dtype the parameters have while training (fp32, or bf16 under DeepSpeed bf16);
+- rwkv-N.state.pth what an exact resume needs: step, warm_step, the plan it belongs to, and the
+                   optimizer state (torch optimizers); under DeepSpeed the optimizer state, fp32
+                   master weights included, lives in the folder rwkv-N.ds/ written by the engine
+                   (every rank writes its shard) and the state file names it. It is written before
+                   rwkv-N.pth, so a rwkv-N.pth on disk always has its state beside it;
+- rwkv-final.pth   weights once tokens reach my_exit_tokens;
+- train_log.txt    a header per run ("#" lines: date, resume source, every argument), then one line
+                   per mini-epoch: `epoch E loss L ppl P lr LR time ISO elapsed S steps N tokens T ...`;
+- train_log.svg    the loss curve of train_log.txt, redrawn after each mini-epoch (`plot_train_log`).
+
+Bad numbers: the loss (averaged over ranks) is checked at every step; NaN/inf stops training with a
+TrainingError naming the step (no file is written after it), and before every save the weights are
+checked too. A loss above SPIKE_RATIO times its running mean is a spike: a warning with the step,
+counted in the mini-epoch's log line.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DeepSpeedStrategy
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+STATE_FORMAT = 1
+SPIKE_RATIO = 2.0                # loss > SPIKE_RATIO * running mean -> a spike warning
+SPIKE_MIN_STEPS = 100            # the running mean needs this many steps of this run first
+SPIKE_EMA = 0.01                 # weight of the newest loss in the running mean (~100 steps)
+
+
+class TrainingError(RuntimeError):
+    """A problem the user must fix (flags, files, diverged training); train.py prints it without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule and plan
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """SPEC's learning rate: warmup multiplier, cosine in tokens from lr_init to lr_final."""
+    lr_init: float
+    lr_final: float
+    warmup_steps: int
+    tokens_per_step: int
+    exit_tokens: int
+
+    def lr(self, step: int, warm_step: int) -> float:
+        """Learning rate of the step taken after `step` steps, `warm_step` of them with these Adam moments."""
+        tokens = step * self.tokens_per_step
+        warmup_tokens = self.warmup_steps * self.tokens_per_step
+        span = self.exit_tokens - warmup_tokens
+        # A run shorter than its warmup has no cosine part left: it sits at lr_final.
+        progress = 1.0 if span <= 0 else min(1.0, max(0.0, (tokens - warmup_tokens) / span))
+        f = self.lr_final / self.lr_init
+        lr = self.lr_init * ((1 + f) / 2 + (1 - f) / 2 * math.cos(math.pi * progress))
+        if warm_step < self.warmup_steps:
+            lr *= 0.01 + 0.99 * warm_step / self.warmup_steps
+        return lr
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Fixed facts of one run; `start_step` is where it begins, `total_steps` where training ends."""
+    proj_dir: Path
+    ctx_len: int
+    real_bsz: int
+    epoch_steps: int
+    start_step: int
+    total_steps: int
+    epoch_save: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.real_bsz * self.ctx_len
+
+    def resume_key(self) -> dict[str, int]:
+        """What must be equal for an exact resume (same samples per step and per mini-epoch)."""
+        return {"ctx_len": self.ctx_len, "real_bsz": self.real_bsz, "epoch_steps": self.epoch_steps}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------------
+
+_NUMBERED = re.compile(r"rwkv-(\d+)\.pth")
+
+
+def find_resume_checkpoint(proj_dir: Path) -> tuple[Path | None, int]:
+    """Highest rwkv-N.pth in proj_dir -> (path, N); rwkv-init.pth counts as -1; (None, -1) if neither.
+
+    rwkv-final.pth is ignored (training already ended there) and so are temporary files.
+    """
+    best: tuple[Path | None, int] = (None, -1)
+    if not proj_dir.is_dir():
+        return best
+    for p in proj_dir.iterdir():
+        m = _NUMBERED.fullmatch(p.name)
+        if m and int(m.group(1)) > best[1]:
+            best = (p, int(m.group(1)))
+    if best[0] is None and (proj_dir / "rwkv-init.pth").is_file():
+        best = (proj_dir / "rwkv-init.pth", -1)
+    return best
+
+
+def state_path(weights: Path) -> Path:
+    """rwkv-N.pth -> rwkv-N.state.pth (the exact-resume state beside it)."""
+    return weights.with_name(weights.stem + ".state.pth")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, then os.replace: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a plain state_dict checkpoint into `model`, or raise TrainingError saying which tensor differs."""
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} not found")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise TrainingError(f"{path} holds a {type(sd).__name__}, not a state_dict of tensors")
+    own = model.state_dict()
+    problems = [f"{k}: not in the checkpoint" for k in own if k not in sd]
+    problems += [f"{k}: in the checkpoint but not in this model" for k in sd if k not in own]
+    problems += [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(v.shape)}"
+                 for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise TrainingError(f"checkpoint {path} does not fit the model built from the flags "
+                            f"(--n_layer/--n_embd/--head_size/--vocab_size/--dim_ffn):\n  {shown}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | None, str]:
+    """The exact-resume state saved beside `weights`, or (None, why it cannot be used)."""
+    path = state_path(weights)
+    if not path.is_file():
+        return None, f"{path.name} not found"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        return None, f"{path.name} has format {state.get('format')}, this code reads {STATE_FORMAT}"
+    if state["plan"] != plan.resume_key():
+        return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
+    if state["step"] != plan.start_step:
+        return None, f"{path.name} is at step {state['step']}, {weights.name} ends at step {plan.start_step}"
+    if state.get("deepspeed_dir") and not (weights.parent / state["deepspeed_dir"]).is_dir():
+        return None, f"its DeepSpeed folder {state['deepspeed_dir']} is missing"
+    return state, f"optimizer state {path.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The callback
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    spikes: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class TrainingMonitor(pl.Callback):
+    """Sets the LR, tracks tokens/s and loss, writes train_log.txt, checkpoints and (optionally) wandb."""
+
+    def __init__(self, plan: RunPlan, schedule: Schedule, header: list[str],
+                 resume: dict[str, Any] | None = None, wandb_project: str = "",
+                 wandb_config: dict[str, Any] | None = None):
+        super().__init__()
+        self.plan, self.schedule, self.header = plan, schedule, header
+        self.resume = resume
+        self.wandb_project, self.wandb_config = wandb_project, wandb_config or {}
+        self.step = plan.start_step
+        self.warm_step = resume["warm_step"] if resume else 0
+        self.lr = 0.0
+        self.epoch = _EpochStats()
+        self.loss_ema: float | None = None
+        self.run_steps = 0
+        self.kt_per_s = 0.0
+        self._last_time = 0.0
+        self._run_start = 0.0
+        self._wandb: Any = None
+
+    # ---- paths -------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.plan.proj_dir / "train_log.txt"
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.resume is not None:
+            self._restore_optimizer(trainer)
+        if trainer.is_global_zero:
+            self.plan.proj_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write("".join(f"# {line}\n" for line in self.header))
+            if self.wandb_project:
+                import wandb  # only when asked for: it starts a background service
+                self._wandb = wandb.init(project=self.wandb_project, config=self.wandb_config,
+                                         dir=str(self.plan.proj_dir),
+                                         name=f"{self.plan.proj_dir.name}-step{self.step}")
+        self._run_start = self._last_time = time.time()
+        self.epoch = _EpochStats()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.lr = self.schedule.lr(self.step, self.warm_step)
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = self.lr * group["my_lr_scale"]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss_t = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        # Mean over ranks: every rank sees the same number, so all decide (stop, save) alike.
+        loss = float(trainer.strategy.reduce(loss_t.detach().float(), reduce_op="mean"))
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {self.step + 1} (mini-epoch {self.step // self.plan.epoch_steps}, "
+                f"lr {self.lr:.3e}); nothing was saved after it. Resume from the last rwkv-N.pth in "
+                f"{self.plan.proj_dir} with a lower --lr_init or more --warmup_steps")
+        self.step += 1
+        self.warm_step += 1
+        self.run_steps += 1
+        self._track(trainer, pl_module, loss)
+        at_end = self.step >= self.plan.total_steps
+        if self.step % self.plan.epoch_steps == 0 or at_end:
+            self._end_of_mini_epoch(trainer, pl_module, at_end)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_wandb(0)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish_wandb(1)
+
+    # ---- per step ----------------------------------------------------------------------------
+    def _track(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: float) -> None:
+        now = time.time()
+        rate = self.plan.tokens_per_step / max(now - self._last_time, 1e-9) / 1000
+        self._last_time = now
+        # The first step of a run includes compilation and warm-up of the data pipeline.
+        self.kt_per_s = rate if self.run_steps <= 2 else 0.9 * self.kt_per_s + 0.1 * rate
+        self.epoch.loss_sum += loss
+        self.epoch.steps += 1
+        if self.loss_ema is not None and self.run_steps > SPIKE_MIN_STEPS and loss > SPIKE_RATIO * self.loss_ema:
+            self.epoch.spikes += 1
+            rank_zero_warn(f"loss spike at step {self.step}: {loss:.4f} vs running mean {self.loss_ema:.4f} "
+                           f"(lr {self.lr:.3e})")
+        self.loss_ema = loss if self.loss_ema is None else (1 - SPIKE_EMA) * self.loss_ema + SPIKE_EMA * loss
+        pl_module.log_dict({"loss": self.epoch.loss_sum / self.epoch.steps, "lr": self.lr, "kt/s": self.kt_per_s},
+                           prog_bar=True, on_step=True, logger=False)
+        if self._wandb is not None:
+            self._wandb.log({"loss": loss, "lr": self.lr, "tokens": self.step * self.plan.tokens_per_step,
+                             "kt/s": self.kt_per_s}, step=self.step)
+
+    # ---- per mini-epoch ----------------------------------------------------------------------
+    def _end_of_mini_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_end: bool) -> None:
+        plan = self.plan
+        full = self.step % plan.epoch_steps == 0
+        e = self.step // plan.epoch_steps - (1 if full else 0)
+        if trainer.is_global_zero:
+            self._log_epoch(e, full)
+        if full and plan.epoch_save > 0 and e % plan.epoch_save == 0:
+            self.save(trainer, pl_module, plan.proj_dir / f"rwkv-{e}.pth", with_state=True)
+        if at_end:
+            self.save(trainer, pl_module, plan.proj_dir / "rwkv-final.pth", with_state=False)
+        self.epoch = _EpochStats()
+
+    def _log_epoch(self, e: int, full: bool) -> None:
+        mean = self.epoch.loss_sum / max(self.epoch.steps, 1)
+        line = (f"epoch {e} loss {mean:.6f} ppl {math.exp(min(mean, 700)):.4f} lr {self.lr:.6e} "
+                f"time {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+                f"elapsed {time.time() - self.epoch.started:.1f} steps {self.step} "
+                f"tokens {self.step * self.plan.tokens_per_step} kt/s {self.kt_per_s:.2f} "
+                f"spikes {self.epoch.spikes}{'' if full else ' partial 1'}")
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
+        plot_train_log(self.log_path)
+        if self._wandb is not None:
+            self._wandb.log({"epoch": e, "epoch_loss": mean}, step=self.step)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, with_state: bool) -> None:
+        """Write weights (and the exact-resume state) for the current step; collective on all ranks."""
+        strategy = trainer.strategy
+        deepspeed = isinstance(strategy, DeepSpeedStrategy)
+        bad = torch.tensor(0.0 if _all_finite(pl_module.parameters()) else 1.0, device=pl_module.device)
+        if float(strategy.reduce(bad, reduce_op="max")) > 0:
+            raise TrainingError(f"weights hold NaN/inf after step {self.step}; {path.name} was not written. "
+                                f"Resume from an earlier checkpoint in {path.parent} with a lower --lr_init")
+        weights = _gathered_state_dict(strategy, pl_module)
+        state: dict[str, Any] | None = None
+        if with_state:
+            state = {"format": STATE_FORMAT, "step": self.step, "warm_step": self.warm_step,
+                     "plan": self.plan.resume_key(), "optimizer": None, "deepspeed_dir": None}
+            if deepspeed:
+                ds_dir = path.with_suffix(".ds")
+                strategy.deepspeed_engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+                strategy.barrier("deepspeed state saved")
+                state["deepspeed_dir"] = ds_dir.name
+            else:
+                state["optimizer"] = trainer.optimizers[0].state_dict()
+        if trainer.is_global_zero:
+            if state is not None:
+                save_atomic(state, state_path(path))
+            save_atomic(weights, path)
+            print(f"saved {path}" + (f" and {state_path(path).name}" if state is not None else ""), flush=True)
+
+    def _restore_optimizer(self, trainer: pl.Trainer) -> None:
+        assert self.resume is not None
+        strategy = trainer.strategy
+        if self.resume["deepspeed_dir"]:
+            if not isinstance(strategy, DeepSpeedStrategy):
+                raise TrainingError("the checkpoint's optimizer state was written by DeepSpeed; resume with a "
+                                    "--strategy deepspeed_stage_* or delete its .state.pth for a weights-only resume")
+            strategy.deepspeed_engine.load_checkpoint(str(self.plan.proj_dir / self.resume["deepspeed_dir"]),
+                                                      tag="state", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            return
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise TrainingError("the checkpoint's optimizer state was written without DeepSpeed; resume with "
+                                "the same --strategy or delete its .state.pth for a weights-only resume")
+        try:
+            trainer.optimizers[0].load_state_dict(self.resume["optimizer"])
+        except ValueError as e:
+            raise TrainingError(f"the saved optimizer state does not fit this model's parameter groups ({e}); "
+                                "delete the .state.pth file for a weights-only resume") from e
+
+    def _finish_wandb(self, exit_code: int) -> None:
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=exit_code)
+            self._wandb = None
+
+
+def _all_finite(params: Iterable[Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params if p.numel())
+
+
+def _gathered_state_dict(strategy: pl.strategies.Strategy, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+    """The full state_dict on every rank (ZeRO-3 partitions parameters: gather them first)."""
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(pl_module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curve
+# ----------------------------------------------------------------------------------------------
+
+def read_train_log(path: Path) -> list[dict[str, float]]:
+    """The mini-epoch lines of a train_log.txt as dicts of their numeric fields (header lines skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("epoch "):
+            continue
+        parts = line.split()
+        row = {}
+        for key, value in zip(parts[::2], parts[1::2]):
+            try:
+                row[key] = float(value)
+            except ValueError:
+                continue   # the time stamp
+        rows.append(row)
+    return rows
+
+
+def plot_train_log(log_path: Path, svg_path: Path | None = None) -> Path:
+    """Draw loss against tokens from train_log.txt as an SVG (no plotting library needed)."""
+    rows = [r for r in read_train_log(log_path) if "tokens" in r and "loss" in r]
+    svg_path = Path(svg_path) if svg_path is not None else Path(log_path).with_suffix(".svg")
+    W, H, pad = 640, 400, 50
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{W / 2}" y="20" text-anchor="middle">loss per mini-epoch: {Path(log_path).parent.name}</text>']
+    if rows:
+        xs, ys = [r["tokens"] for r in rows], [r["loss"] for r in rows]
+        x0, x1 = 0.0, max(xs)
+        y0, y1 = min(ys), max(ys)
+        y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+
+        def px(x: float) -> float:
+            return pad + (x - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
+
+        def py(y: float) -> float:
+            return H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)
+
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+        parts += [f'<polyline fill="none" stroke="steelblue" stroke-width="2" points="{points}"/>',
+                  f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+                  f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+                  f'<text x="{pad}" y="{H - pad + 16}">0</text>',
+                  f'<text x="{W - pad}" y="{H - pad + 16}" text-anchor="end">{x1:.4g} tokens</text>',
+                  f'<text x="{pad - 4}" y="{py(y1) + 4:.1f}" text-anchor="end">{y1:.3f}</text>',
+                  f'<text x="{pad - 4}" y="{py(y0) + 4:.1f}" text-anchor="end">{y0:.3f}</text>']
+    parts.append("</svg>\n")
+    tmp = svg_path.with_name(f".{svg_path.name}.tmp{os.getpid()}")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, svg_path)
+    return svg_path
+
+
+if __name__ == "__main__":
+    # python -m src.trainer out/L8-D512-x070/train_log.txt  -> writes train_log.svg beside it
+    for arg in sys.argv[1:]:
+        print(plot_train_log(Path(arg)))

@@ -1,0 +1,219 @@
+"""data/make_data.py: jsonl -> binidx (+ SFT mask), in-process and as the CLI."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import normalizers
+
+from data.make_data import DATA_DIR, MakeDataError, default_out, make_data
+from src.binidx import MMapIndexedDataset, open_mask
+from src.sampler import magic_prime
+from src.tokenizer import IM_END, load_tokenizer, render_conversation
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMIND2 = Path(__file__).resolve().parents[2] / "shared" / "minimind2_tokenizer"
+WORDS = ["hello", "world", "数据", "模型", "🙂", "🚀", "\n", " ", "cat", "狗", "42", "<|im_start|>", "<|im_end|>",
+         "é", "\t", "它们是", "Ωμέγα"]
+
+
+def rand_text(rng: random.Random) -> str:
+    return "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+
+
+def rand_conversation(rng: random.Random) -> list[dict]:
+    msgs = [{"role": "system", "content": rand_text(rng)}] if rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, 3)):
+        msgs += [{"role": "user", "content": rand_text(rng)}, {"role": "assistant", "content": rand_text(rng)}]
+    return msgs
+
+
+def write_jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    for i, text in (raw_lines or {}).items():
+        lines.insert(i, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def docs_of(prefix) -> list[list[int]]:
+    d = MMapIndexedDataset(prefix)
+    return [d[i].tolist() for i in range(len(d))]
+
+
+def test_pretrain_records_become_shuffled_documents(tmp_path):
+    rng = random.Random()
+    texts = [rand_text(rng) for _ in range(rng.randint(20, 60))]
+    src = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in texts], {3: "", 7: "   "})  # blank lines
+    r = make_data(src, 3, 8, out=tmp_path / "out/pre", seed=5, progress=False)
+    tok = load_tokenizer()
+    expected = [tuple(tok.encode(t).ids + [0]) for t in texts]
+    docs = [tuple(d) for d in docs_of(tmp_path / "out/pre")]
+    assert Counter(docs) == Counter(expected * 3)
+    for e in range(3):  # each copy is a permutation of all records
+        assert Counter(docs[e * len(texts):(e + 1) * len(texts)]) == Counter(expected)
+    assert docs[:len(texts)] != expected or len(texts) < 3  # shuffled
+    n = sum(len(d) for d in docs)
+    assert r.num_tokens == n and r.num_docs == 3 * len(texts) and r.kind == "text" and r.records == len(texts)
+    assert r.magic_prime == magic_prime(n, 8) and not (tmp_path / "out/pre.mask").exists()
+    assert r.dtype == np.uint16 and (tmp_path / "out/pre.bin").stat().st_size == 2 * n
+    # same seed, same bytes; another seed, another order
+    make_data(src, 3, 8, out=tmp_path / "again", seed=5, progress=False)
+    assert (tmp_path / "again.bin").read_bytes() == (tmp_path / "out/pre.bin").read_bytes()
+    make_data(src, 3, 8, out=tmp_path / "other", seed=6, progress=False)
+    assert (tmp_path / "other.bin").read_bytes() != (tmp_path / "out/pre.bin").read_bytes()
+
+
+def test_sft_mask_lines_up_with_assistant_tokens(tmp_path):
+    rng = random.Random()
+    convs = [rand_conversation(rng) for _ in range(40)]
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in convs])
+    r = make_data(src, 1, 16, out=tmp_path / "sft", progress=False)
+    assert r.kind == "conversations"
+    tok = load_tokenizer()
+    d = MMapIndexedDataset(tmp_path / "sft")
+    mask = open_mask(tmp_path / "sft", d.num_tokens)
+    by_text = {render_conversation(c): c for c in convs}
+    starts = d.item_starts()
+    seen = []
+    for i in range(len(d)):
+        ids = d[i].tolist()
+        m = mask[starts[i]:starts[i] + len(ids)].tolist()
+        assert ids[-1] == 0 and m[-1] == 0
+        text = tok.decode(ids[:-1], skip_special_tokens=False)
+        conv = by_text[text]  # the document is exactly one rendered conversation
+        seen.append(text)
+        # runs of mask==1 decode to each assistant reply + <|im_end|>, in order
+        runs, cur = [], []
+        for t, flag in zip(ids, m):
+            if flag:
+                cur.append(t)
+            elif cur:
+                runs.append(cur)
+                cur = []
+        replies = [x["content"] + IM_END for x in conv if x["role"] == "assistant"]
+        assert [tok.decode(run, skip_special_tokens=False) for run in runs] == replies
+        assert sum(m) == sum(len(tok.encode(x).ids) for x in replies)
+    assert sorted(seen) == sorted(by_text)
+
+
+@pytest.mark.skipif(not MINIMIND2.is_dir(), reason=f"{MINIMIND2} not present")
+def test_minimind2_tokenizer_folder_works(tmp_path):
+    rng = random.Random()
+    texts = [rand_text(rng) for _ in range(20)]
+    src = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts])
+    make_data(src, 1, 4, tokenizer=MINIMIND2, out=tmp_path / "p", progress=False)
+    tok = load_tokenizer(MINIMIND2)
+    assert Counter(tuple(d) for d in docs_of(tmp_path / "p")) == Counter(tuple(tok.encode(t).ids + [0]) for t in texts)
+
+
+def test_parallel_workers_write_identical_files(tmp_path):
+    rng = random.Random()
+    convs = [{"conversations": rand_conversation(rng)} for _ in range(300)]
+    src = write_jsonl(tmp_path / "s.jsonl", convs)
+    make_data(src, 2, 16, out=tmp_path / "one", seed=1, workers=1, batch_size=16, progress=False)
+    make_data(src, 2, 16, out=tmp_path / "two", seed=1, workers=2, batch_size=16, progress=False)
+    for ext in ("bin", "idx", "mask"):
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"two.{ext}").read_bytes(), ext
+
+
+GOOD = json.dumps({"text": "fine"})
+
+
+@pytest.mark.parametrize("lines, bad_line, match", [
+    ([GOOD, "{not json", GOOD], 2, "not valid JSON"),
+    ([GOOD, GOOD, json.dumps({"txt": "x"})], 3, "neither 'text'"),
+    ([json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]})], 1,
+     "role 'bot'"),
+    ([GOOD, json.dumps({"conversations": [{"role": "user", "content": "q"}]})], 2, "one file holds one kind"),
+    ([GOOD, json.dumps({"text": 5})], 2, "must be a string"),
+    ([GOOD, json.dumps(["text"])], 2, "JSON object"),
+    ([GOOD, json.dumps({"text": "bad \ud800 surrogate"})], 2, "cannot be encoded"),
+])
+def test_bad_records_name_file_and_line_and_leave_nothing(tmp_path, lines, bad_line, match):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(MakeDataError, match=match) as e:
+        make_data(src, 2, 4, out=tmp_path / "o", progress=False)
+    assert f"in.jsonl:{bad_line}:" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_skip_bad_counts_and_keeps_the_rest(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([GOOD, "{oops", json.dumps({"x": 1}), json.dumps({"text": "more"})]) + "\n")
+    r = make_data(src, 2, 1, out=tmp_path / "o", skip_bad=True, progress=False)
+    assert r.skipped == 2 and r.records == 2 and r.num_docs == 4
+
+
+def test_empty_and_all_bad_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(MakeDataError, match="empty.jsonl: empty file"):
+        make_data(tmp_path / "empty.jsonl", 1, 4, out=tmp_path / "o", progress=False)
+    (tmp_path / "bad.jsonl").write_text("{x\n{y\n")
+    with pytest.raises(MakeDataError, match="bad.jsonl: no usable record"):
+        make_data(tmp_path / "bad.jsonl", 1, 4, out=tmp_path / "o", skip_bad=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
+
+
+def test_text_that_does_not_round_trip(tmp_path):
+    tok_dir = tmp_path / "lower"
+    tok_dir.mkdir()
+    tok = load_tokenizer()
+    tok.normalizer = normalizers.Lowercase()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "all lower"}, {"text": "Has Upper"}])
+    with pytest.raises(MakeDataError, match=r"in.jsonl:2: decode\(encode\(text\)\) != text from character 0"):
+        make_data(src, 1, 2, tokenizer=tok_dir, out=tmp_path / "o", progress=False)
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_failure_keeps_previous_output(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "first version"}] * 5)
+    make_data(src, 1, 2, out=tmp_path / "o", progress=False)
+    before = (tmp_path / "o.bin").read_bytes(), (tmp_path / "o.idx").read_bytes()
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "second"}] * 1000, {999: "{broken"})
+    with pytest.raises(MakeDataError, match="a.jsonl:1000:"):
+        make_data(src, 1, 2, out=tmp_path / "o", batch_size=64, progress=False)
+    assert ((tmp_path / "o.bin").read_bytes(), (tmp_path / "o.idx").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "o.bin", "o.idx"]
+
+
+def test_too_small_for_ctx_is_reported(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}])
+    r = make_data(src, 1, 512, out=tmp_path / "t", progress=False)
+    assert r.too_small is not None and "too few for ctx_len 512" in r.too_small and "MAGIC_PRIME=NONE" in r.flags()
+
+
+def test_cli_default_output_goes_to_repo_data_dir(tmp_path):
+    name = f"pytest_make_data_{random.randrange(1 << 30)}"
+    src = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"record {i} 数据 🙂"} for i in range(200)])
+    assert default_out(src) == REPO / "data" / name and DATA_DIR == REPO / "data"
+    outputs = [REPO / "data" / f"{name}.{ext}" for ext in ("bin", "idx")]
+    try:
+        p = subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), str(src), "2", "4", "--seed", "3"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        d = MMapIndexedDataset(REPO / "data" / name)
+        n, prime = d.num_tokens, magic_prime(d.num_tokens, 4)
+        assert f"MY_EXIT_TOKENS={n} MAGIC_PRIME={prime} DATA_FILE=data/{name} DATA_TYPE=binidx" in p.stdout
+        assert "records/s" in p.stderr and "tokens/s" in p.stderr
+        assert not list(tmp_path.glob(f"{name}.bin"))
+    finally:
+        for f in outputs:
+            f.unlink(missing_ok=True)
+
+
+def test_cli_errors_exit_nonzero_with_the_line(tmp_path):
+    src = tmp_path / "x.jsonl"
+    src.write_text(GOOD + "\n{bad\n")
+    p = subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), str(src), "1", "4",
+                        "--out", str(tmp_path / "o"), "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "x.jsonl:2: not valid JSON" in p.stderr and "--skip-bad" in p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.jsonl"]

@@ -1,0 +1,206 @@
+"""RWKV_RNN (src/rnn.py): parallel prefill and one-token decode against the parallel model.
+
+The model is randomly initialised per SPEC and then every parameter gets random noise: SPEC's init
+zeroes several matrices (att.output, ffn.value, the LoRA w1/a1/v1/g1), which would hide mistakes in
+the terms they multiply.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.model import RWKV, ModelConfig
+from src.rnn import CheckpointError, RWKV_RNN
+
+CFG = dict(vocab_size=97, n_layer=3, n_embd=64, head_size=16)
+
+
+def perturbed_model(cfg: ModelConfig, seed: int) -> RWKV:
+    """SPEC init plus noise on every parameter (vectors 0.2, matrices 0.5/sqrt(fan_in))."""
+    torch.manual_seed(seed)
+    model = RWKV(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.2
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RWKV]:
+    """(path of the saved state_dict, the same model in float64)."""
+    model = perturbed_model(ModelConfig(**CFG), seed=1234)
+    path = tmp_path_factory.mktemp("rnn") / "rwkv-test.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.double()
+
+
+def ref_logits(model64: RWKV, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model64(torch.tensor([ids]))[0]                                  # (T,V) float64
+
+
+def decode_all(rnn: RWKV_RNN, ids: list[int], state=None) -> tuple[torch.Tensor, list]:
+    out = []
+    for t in ids:
+        logits, state = rnn.forward(t, state)
+        out.append(logits)
+    return torch.stack(out), state
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 300])
+def test_prefill_decode_and_parallel_model_agree_fp32(ckpt, T):
+    path, model64 = ckpt
+    ids = torch.randint(0, CFG["vocab_size"], (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    ref = ref_logits(model64, ids)
+    scale = ref.abs().max().item()
+    assert scale > 1.0, "the perturbed model should give non-trivial logits"
+    tol = dict(rtol=0, atol=5e-6 * scale)
+
+    rnn = RWKV_RNN(path, prefill_chunk=128)             # 300 tokens = 3 chunks: state hand-over tested
+    prefill, state_p = rnn.forward(ids, None, full_output=True)
+    last, _ = rnn.forward(ids, None)
+    decoded, state_d = decode_all(rnn, ids)
+    with torch.no_grad():
+        parallel32 = RWKV(ModelConfig(**CFG)).eval()
+        parallel32.load_state_dict(torch.load(path))
+        par = parallel32(torch.tensor([ids]))[0]
+
+    assert prefill.dtype == decoded.dtype == torch.float32
+    assert prefill.shape == decoded.shape == (T, CFG["vocab_size"])
+    torch.testing.assert_close(prefill.double(), ref, **tol)
+    torch.testing.assert_close(decoded.double(), ref, **tol)
+    torch.testing.assert_close(par.double(), ref, **tol)
+    torch.testing.assert_close(last, prefill[-1])
+    for i, (a, b) in enumerate(zip(state_p, state_d)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"state[{i}] prefill vs decode")
+
+
+@pytest.mark.parametrize("T", [1, 17, 40])
+def test_float64_paths_match_to_float64_rounding(ckpt, T):
+    """In float64 any difference left is a math difference, not rounding: tolerance 1e-11."""
+    path, model64 = ckpt
+    ids = torch.randint(0, CFG["vocab_size"], (T,), generator=torch.Generator().manual_seed(7 + T)).tolist()
+    ref = ref_logits(model64, ids)
+    rnn = RWKV_RNN(path, dtype=torch.float64, prefill_chunk=16)
+    prefill, _ = rnn.forward(ids, None, full_output=True)
+    decoded, _ = decode_all(rnn, ids)
+    torch.testing.assert_close(prefill, ref, rtol=0, atol=1e-11)
+    torch.testing.assert_close(decoded, ref, rtol=0, atol=1e-11)
+
+
+def test_state_carries_across_calls_and_is_not_modified(ckpt):
+    path, model64 = ckpt
+    rnn = RWKV_RNN(path, dtype=torch.float64)
+    ids = torch.randint(0, CFG["vocab_size"], (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = ref_logits(model64, ids)
+    # prefill 20, decode 3, prefill 27: the same logits as one pass over all 50 tokens
+    a, state = rnn.forward(ids[:20], None, full_output=True)
+    kept = [s.clone() for s in state]
+    b, state2 = decode_all(rnn, ids[20:23], state)
+    c, _ = rnn.forward(ids[23:], state2, full_output=True)
+    torch.testing.assert_close(torch.cat([a, b, c]), ref, rtol=0, atol=1e-11)
+    for s, k in zip(state, kept):
+        assert torch.equal(s, k), "forward() must not modify the state passed in"
+    # reusing the kept state gives the same continuation again
+    b2, _ = decode_all(rnn, ids[20:23], state)
+    assert torch.equal(b, b2)
+
+
+def test_state_layout_matches_model_forward_with_state(ckpt):
+    path, model64 = ckpt
+    rnn = RWKV_RNN(path, dtype=torch.float64)
+    ids = [5, 9, 11, 3]
+    _, state = rnn.forward(ids, None)
+    with torch.no_grad():
+        _, model_state = model64.forward_with_state(torch.tensor([ids]), None)
+    C, H, N = CFG["n_embd"], CFG["n_embd"] // CFG["head_size"], CFG["head_size"]
+    assert len(state) == 3 * CFG["n_layer"]
+    for i, (s, ms) in enumerate(zip(state, model_state)):
+        assert s.shape == ((H, N, N) if i % 3 == 1 else (C,))
+        torch.testing.assert_close(s, ms[0], rtol=0, atol=1e-11)
+    zero = rnn.empty_state()
+    assert [z.shape for z in zero] == [s.shape for s in state]
+    assert all(not z.any() for z in zero)
+    fp32 = RWKV_RNN(path).empty_state()
+    assert [z.dtype for z in fp32[:3]] == [torch.float32] * 3
+
+
+def test_config_is_inferred_and_bf16_checkpoints_load(ckpt, tmp_path):
+    path, _ = ckpt
+    sd = torch.load(path)
+    bf16 = tmp_path / "rwkv-init.pth"
+    torch.save({k: v.bfloat16() for k, v in sd.items()}, bf16)
+    rnn = RWKV_RNN(bf16)                       # SPEC: stage 1 writes bf16 when precision is bf16
+    assert (rnn.n_layer, rnn.n_embd, rnn.head_size, rnn.vocab_size) == (3, 64, 16, 97)
+    assert rnn.model.emb.weight.dtype == torch.float32
+    torch.testing.assert_close(rnn.model.head.weight, sd["head.weight"].bfloat16().float())
+    # the rwkv pip package's way of naming a model: the path without .pth
+    assert RWKV_RNN(str(path)[:-4]).path == path
+
+
+def _save(tmp_path: Path, obj) -> Path:
+    p = tmp_path / "bad.pth"
+    torch.save(obj, p)
+    return p
+
+
+def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
+    path, _ = ckpt
+    sd = torch.load(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        RWKV_RNN(tmp_path / "nope.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        RWKV_RNN(tmp_path / "text.pth")
+    with pytest.raises(CheckpointError, match="not a state_dict"):
+        RWKV_RNN(_save(tmp_path, [1, 2]))
+    with pytest.raises(CheckpointError, match="training checkpoint.*'state_dict'"):
+        RWKV_RNN(_save(tmp_path, {"state_dict": sd, "epoch": 3}))
+
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.att.k_a"}
+    with pytest.raises(CheckpointError, match=r"missing key 'blocks\.1\.att\.k_a'"):
+        RWKV_RNN(_save(tmp_path, missing))
+    extra = dict(sd, **{"blocks.0.ffn.s_emb.weight": torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match=r"unexpected key 'blocks\.0\.ffn\.s_emb\.weight'"):
+        RWKV_RNN(_save(tmp_path, extra))
+    shaped = dict(sd, **{"blocks.2.att.w1": torch.zeros(64, 40)})
+    with pytest.raises(CheckpointError, match=r"blocks\.2\.att\.w1 has shape \[64, 40\], expected \[64, 32\]"):
+        RWKV_RNN(_save(tmp_path, shaped))
+    v6 = {k.replace("att.x_r", "att.time_maa_r"): v for k, v in sd.items() if "r_k" not in k}
+    with pytest.raises(CheckpointError, match="RWKV-4/5/6"):
+        RWKV_RNN(_save(tmp_path, v6))
+    with pytest.raises(ValueError, match="wkv_impl"):
+        RWKV_RNN(path, wkv_impl="fast")
+
+
+def test_bad_tokens_and_states_are_rejected(ckpt):
+    rnn = RWKV_RNN(ckpt[0])
+    with pytest.raises(ValueError, match="token id 97 is outside"):
+        rnn.forward([1, 97], None)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        rnn.forward(-1, None)
+    with pytest.raises(ValueError, match="no tokens"):
+        rnn.forward([], None)
+    with pytest.raises(ValueError, match="state has 2 tensors"):
+        rnn.forward(1, rnn.empty_state()[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [16, 33])
+def test_gpu_half_precision_paths_agree(ckpt, dtype, T):
+    path, model64 = ckpt
+    ids = torch.randint(0, CFG["vocab_size"], (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    ref = ref_logits(model64, ids)
+    rnn = RWKV_RNN(path, device="cuda", dtype=dtype)
+    prefill, state_p = rnn.forward(ids, None, full_output=True)
+    decoded, state_d = decode_all(rnn, ids)
+    assert prefill.dtype == dtype and state_p[1].dtype == torch.float32
+    # half precision: ~3 significant digits; the math errors this guards against are O(scale)
+    tol = dict(rtol=0, atol=(0.03 if dtype == torch.bfloat16 else 0.01) * ref.abs().max().item())
+    torch.testing.assert_close(prefill.double().cpu(), ref, **tol)
+    torch.testing.assert_close(decoded.double().cpu(), ref, **tol)

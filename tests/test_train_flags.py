@@ -1,0 +1,121 @@
+"""train.py rejects bad input with a message that names the problem and the fix, before any training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from src.trainer import TrainingError
+from test_train_run import CTX, MODEL, largest_magic_prime, tiny_flags, write_progressions
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    prefix = tmp_path_factory.mktemp("data") / "prog"
+    return prefix, write_progressions(prefix, seed=7)
+
+
+@pytest.fixture()
+def proj(tmp_path: Path) -> Path:
+    """A proj_dir holding a stage-1 init of the tiny model."""
+    assert train.main(["--train_stage", "1", "--proj_dir", str(tmp_path), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    return tmp_path
+
+
+def rejected(argv: list[str], pattern: str, proj: Path) -> None:
+    with pytest.raises(TrainingError, match=pattern):
+        train.main(argv)
+    assert not (proj / "train_log.txt").exists(), "training started before the input was checked"
+
+
+def test_missing_data_file(proj: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "pretrain"
+    rejected(tiny_flags(missing, 1000, proj), rf"{missing}\.(idx|bin) not found.*make_data\.py", proj)
+    rejected(tiny_flags(missing, 1000, proj, data_file=""), r"--data_file is required", proj)
+
+
+def test_magic_prime_and_exit_tokens_must_match_the_data(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    p = largest_magic_prime(n, CTX)
+    right = rf"--my_exit_tokens {n} --magic_prime {p}\b"
+    rejected(tiny_flags(prefix, n, proj, magic_prime=p - 6), rf"--magic_prime {p - 6} does not match .*{right}", proj)
+    rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n - 1), rf"--my_exit_tokens {n - 1} does not match.*{right}",
+             proj)
+    # the same data at another ctx_len has another prime
+    p64 = largest_magic_prime(n, 64)
+    rejected(tiny_flags(prefix, n, proj, ctx_len=64), rf"--magic_prime {p} does not match .* --magic_prime {p64}\b",
+             proj)
+
+
+def test_real_bsz_must_divide_a_mini_epoch(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, micro_bsz=11, epoch_steps=0),
+             r"real_bsz = num_nodes 1 x devices 1 x micro_bsz 11 = 11 does not divide the 40320", proj)
+
+
+def test_data_too_small_for_the_mini_epoch_or_epoch_count(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    p = largest_magic_prime(n, CTX)
+    # 40320 samples per mini-epoch (epoch_steps 0) do not fit a few hundred windows
+    rejected(tiny_flags(prefix, n, proj, micro_bsz=8, epoch_steps=0),
+             rf"holds {p} samples .* fewer than one mini-epoch .*--epoch_steps to at most {p // 8}", proj)
+    rejected(tiny_flags(prefix, n, proj, epoch_count=p // 16 + 1),
+             rf"--epoch_count {p // 16 + 1} needs .* at most {p // 16} mini-epochs", proj)
+
+
+def test_unknown_strategy_and_precision_are_argparse_errors(data: tuple[Path, int], proj: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    prefix, n = data
+    for flag, value in (("strategy", "deepspeed_stage_9"), ("precision", "fp8"), ("data_type", "jsonl")):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_flags(prefix, n, proj, **{flag: value}))
+        assert e.value.code == 2
+        assert f"argument --{flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_cpu_refuses_deepspeed_fp16_and_the_cuda_kernel(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, strategy="deepspeed_stage_2"),
+             r"--strategy deepspeed_stage_2 needs GPUs .* use --strategy auto .* or ddp", proj)
+    rejected(tiny_flags(prefix, n, proj, precision="fp16"), r"--precision fp16 .* needs a GPU", proj)
+    rejected(tiny_flags(prefix, n, proj, wkv_impl="cuda"), r"--wkv_impl cuda needs a GPU", proj)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_gpu_asked_for_without_one(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, accelerator="gpu"), r"--accelerator gpu but torch sees no CUDA/ROCm device",
+             proj)
+
+
+def test_gpu_kernel_needs_ctx_len_multiple_of_16(data: tuple[Path, int], proj: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix, n = data
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the check runs: it fails first
+    rejected(tiny_flags(prefix, n, proj, accelerator="gpu", ctx_len=40),
+             r"--ctx_len 40 is not a multiple of 16, which the WKV7 GPU kernel needs .* --wkv_impl torch", proj)
+
+
+def test_stage_3_needs_something_to_start_from(data: tuple[Path, int], tmp_path: Path) -> None:
+    prefix, n = data
+    empty = tmp_path / "empty"
+    rejected(tiny_flags(prefix, n, empty), rf"{empty} holds no rwkv-init.pth or rwkv-N.pth .* run stage 1 first", empty)
+    rejected(tiny_flags(prefix, n, empty, load_model=tmp_path / "x.pth"), r"--load_model .*x.pth: no such file", empty)
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, n_embd=128, head_size=32),
+             r"does not fit the model .*\n  emb.weight: checkpoint \[64, 64\] vs model \[64, 128\]", proj)
+    rejected(tiny_flags(prefix, n, proj, n_layer=3), r"blocks.2.ln1.weight: not in the checkpoint", proj)
+
+
+def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, micro_bsz=0), r"--micro_bsz must be >= 1, got 0", proj)
+    rejected(tiny_flags(prefix, n, proj, lr_init=0), r"--lr_init must be > 0", proj)
+    rejected(tiny_flags(prefix, n, proj, my_testing="x060"), r"only the x070 .* is implemented", proj)
+    rejected(tiny_flags(prefix, n, proj, n_embd=80), r"--n_embd 80 is not a multiple of --head_size 32", proj)

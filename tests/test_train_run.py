@@ -1,0 +1,263 @@
+"""train.py end to end on CPU with a tiny model: learning, files, exact resume after a kill, NaN handling.
+
+The data is fresh synthetic binidx (arithmetic progressions of token ids, one document each): a
+2-layer model learns it within a few dozen steps, so a falling loss is a real signal. The helpers
+here (`write_progressions`, `tiny_flags`, `Recorder`) are reused by the other test_train_* files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import train
+from src.binidx import MMapIndexedDatasetBuilder
+from src.model import RWKV, ModelConfig, lm_loss
+from src.trainer import TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB, CTX, MICRO_BSZ = 64, 32, 4
+MODEL = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=VOCAB)
+
+
+def progressions(n_docs: int, seed: int) -> list[np.ndarray]:
+    """Documents start, start+d, start+2d, ... (mod VOCAB-3, shifted past the 3 special ids), then 0."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        start, step, n = rng.integers(0, VOCAB - 3), rng.integers(1, 4), rng.integers(20, 80)
+        docs.append(np.append((start + step * np.arange(n)) % (VOCAB - 3) + 3, 0).astype(np.uint16))
+    return docs
+
+
+def write_progressions(prefix: Path, n_docs: int = 300, seed: int = 0) -> int:
+    """Write PREFIX.bin/.idx with the data helper's writer; returns the token count."""
+    docs = progressions(n_docs, seed)
+    with MMapIndexedDatasetBuilder(prefix, np.uint16) as b:
+        for d in docs:
+            b.add_document(d)
+    return sum(len(d) for d in docs)
+
+
+def largest_magic_prime(n_tokens: int, ctx_len: int) -> int:
+    """SPEC: largest prime p, p % 3 == 2, p <= n_tokens // ctx_len - 1 (trial division, independent of src)."""
+    p = n_tokens // ctx_len - 1
+    while not (p % 3 == 2 and all(p % q for q in range(2, math.isqrt(p) + 1))):
+        p -= 1
+    return p
+
+
+def tiny_flags(data: Path, n_tokens: int, proj: Path, **over: object) -> list[str]:
+    flags: dict[str, object] = dict(
+        proj_dir=proj, data_file=data, ctx_len=CTX, micro_bsz=MICRO_BSZ, epoch_steps=4, epoch_count=4,
+        my_exit_tokens=0, magic_prime=largest_magic_prime(n_tokens, CTX), lr_init=3e-3, lr_final=3e-4,
+        warmup_steps=3, precision="fp32", accelerator="cpu", strategy="auto", enable_progress_bar="False",
+        **MODEL)
+    flags.update(over)
+    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+
+
+class Recorder(pl.Callback):
+    """Per step: loss, the schedule's lr (group lr / my_lr_scale) of every group, and the batch's x."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        groups = trainer.optimizers[0].param_groups
+        self.rows.append({"loss": float(outputs["loss"]), "lr": [g["lr"] / g["my_lr_scale"] for g in groups],
+                          "scale": [g["my_lr_scale"] for g in groups], "x": batch[0].tolist()})
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def epoch_lines(proj: Path) -> list[dict[str, float]]:
+    from src.trainer import read_train_log
+    return read_train_log(proj / "train_log.txt")
+
+
+def hand_lr(step: int, warm_step: int, lr_init: float, lr_final: float, warmup: int, tokens_per_step: int,
+            exit_tokens: int) -> float:
+    """SPEC section 4 written out again."""
+    progress = (step * tokens_per_step - warmup * tokens_per_step) / (exit_tokens - warmup * tokens_per_step)
+    progress = min(1.0, max(0.0, progress))
+    f = lr_final / lr_init
+    lr = lr_init * ((1 + f) / 2 + (1 - f) / 2 * math.cos(math.pi * progress))
+    return lr * (0.01 + 0.99 * warm_step / warmup) if warm_step < warmup else lr
+
+
+def mean_loss(model: RWKV, docs: list[np.ndarray]) -> float:
+    """Mean next-token loss over CTX+1-token windows cut from `docs` (concatenated)."""
+    stream = torch.from_numpy(np.concatenate(docs).astype(np.int64))
+    n = (len(stream) - 1) // CTX
+    x = stream[: n * CTX].view(n, CTX)
+    y = stream[1: n * CTX + 1].view(n, CTX)
+    with torch.no_grad():
+        return float(lm_loss(model.float()(x), y))
+
+
+def test_training_learns_and_writes_its_files(tmp_path: Path) -> None:
+    """Stage 1 then stage 3 through the command line: loss falls, held-out loss falls, every file is right."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=1)
+    r = run_cli(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                 *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+    assert r.returncode == 0, r.stderr
+    r = run_cli(tiny_flags(data, n, proj, epoch_steps=5, epoch_count=8, epoch_save=3, wandb="rwkv-test"),
+                env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    rows = epoch_lines(proj)
+    assert [int(x["epoch"]) for x in rows] == list(range(8))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
+    assert rows[-1]["tokens"] == 8 * 5 * MICRO_BSZ * CTX and rows[-1]["steps"] == 40
+    header = (proj / "train_log.txt").read_text()
+    assert "#   lr_init = 0.003" in header and "from " + str(proj / "rwkv-init.pth") in header
+    assert (proj / "train_log.svg").read_text().count(",") >= 8   # 8 points on the curve
+
+    # epoch_save 3: mini-epochs 0, 3, 6 with their resume state; the final weights once training ends
+    names = sorted(p.name for p in proj.iterdir() if p.suffix == ".pth")
+    assert names == sorted(["rwkv-init.pth", "rwkv-final.pth", *(f"rwkv-{e}{s}.pth" for e in (0, 3, 6)
+                                                                  for s in ("", ".state"))])
+    cfg = ModelConfig(**MODEL, ctx_len=CTX)
+    init, final = RWKV(cfg), RWKV(cfg)
+    init.load_state_dict(torch.load(proj / "rwkv-init.pth", weights_only=True))
+    sd = torch.load(proj / "rwkv-final.pth", weights_only=True)
+    assert list(sd) == list(final.state_dict()) and all(v.dtype == torch.float32 for v in sd.values())
+    final.load_state_dict(sd)
+    held_out = progressions(40, seed=99)  # documents the run never saw
+    assert mean_loss(final, held_out) < mean_loss(init, held_out) - 1.5
+
+    # wandb (offline): one run whose history holds every step's numbers
+    runs = list((proj / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((proj / "wandb").rglob("*"))[:20]
+    steps = [h for h in wandb_history(runs[0]) if "tokens" in h]
+    assert [h["_step"] for h in steps] == list(range(1, 41))
+    assert all(h["tokens"] == h["_step"] * MICRO_BSZ * CTX and h["loss"] > 0 and h["kt/s"] > 0 for h in steps)
+    want_lr = hand_lr(39, 39, 3e-3, 3e-4, 3, MICRO_BSZ * CTX, 40 * MICRO_BSZ * CTX)
+    assert steps[-1]["lr"] == pytest.approx(want_lr, rel=1e-9)
+    assert [h["epoch_loss"] for h in wandb_history(runs[0]) if "epoch_loss" in h] == \
+        pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """History rows of an offline .wandb file (a LevelDB-style log of 32 KiB blocks holding protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, block, buf, rows = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:        # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):                 # FULL or LAST fragment: a whole Record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
+    """Kill a run once rwkv-1.pth exists; resuming gives the uninterrupted run's losses and lrs step for step."""
+    data = tmp_path / "prog"
+    n = write_progressions(data, seed=2)
+    init = tmp_path / "init"
+    assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    flags = dict(load_model=init / "rwkv-init.pth", epoch_count=6)
+
+    # A: uninterrupted, in this process
+    rec_a = Recorder()
+    assert train.main(tiny_flags(data, n, tmp_path / "a", **flags), callbacks=[rec_a]) == 0
+    steps = 6 * 4
+    assert len(rec_a.rows) == steps
+    # the schedule the optimizer really used: SPEC's formula, warmup from the fresh optimizer, x2 on att.w0
+    for s, row in enumerate(rec_a.rows):
+        want = hand_lr(s, s, 3e-3, 3e-4, 3, MICRO_BSZ * CTX, steps * MICRO_BSZ * CTX)
+        assert row["lr"] == pytest.approx([want] * len(row["lr"]), rel=1e-12)
+    assert sorted(rec_a.rows[0]["scale"]) == [1.0, 1.0, 2.0]
+
+    # B: the same run as its own process, killed (SIGKILL: no cleanup) as soon as rwkv-1.pth appears
+    proj_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(data, n, proj_b, **flags)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (proj_b / "rwkv-1.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (proj_b / "rwkv-final.pth").exists()
+    last = max(int(p.stem.split("-")[1]) for p in proj_b.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
+    assert last >= 1
+
+    # B': rerun the same command; it resumes from rwkv-<last>.pth with its optimizer state
+    rec_b = Recorder()
+    assert train.main(tiny_flags(data, n, proj_b, **flags), callbacks=[rec_b]) == 0
+    done = (last + 1) * 4
+    assert len(rec_b.rows) == steps - done
+    for a, b in zip(rec_a.rows[done:], rec_b.rows):
+        assert b["x"] == a["x"]                                   # the same next samples
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)      # the same schedule position, no new warmup
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+    assert f"exact resume with optimizer state rwkv-{last}.state.pth" in (proj_b / "train_log.txt").read_text()
+
+    # control: the same weights without their optimizer state resume weights-only and drift apart
+    proj_c = tmp_path / "c"
+    proj_c.mkdir()
+    (proj_c / f"rwkv-{last}.pth").write_bytes((proj_b / f"rwkv-{last}.pth").read_bytes())
+    rec_c = Recorder()
+    assert train.main(tiny_flags(data, n, proj_c, **flags), callbacks=[rec_c]) == 0
+    assert rec_c.rows[0]["loss"] == pytest.approx(rec_b.rows[0]["loss"], rel=1e-6)   # same weights, same sample
+    assert rec_c.rows[0]["lr"][0] == pytest.approx(0.01 * rec_b.rows[0]["lr"][0], rel=1e-9)  # warms up again
+    assert max(abs(c["loss"] - b["loss"]) for b, c in zip(rec_b.rows[1:], rec_c.rows[1:])) > 1e-3
+
+
+class PoisonWeights(pl.Callback):
+    """Before step `at` (0-based, counted in this run), set a parameter to NaN."""
+
+    def __init__(self, at: int, name: str):
+        self.at, self.name = at, name
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            with torch.no_grad():
+                dict(pl_module.named_parameters())[self.name].fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_the_step_and_saves_nothing_after_it(tmp_path: Path) -> None:
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=4)
+    train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+    with pytest.raises(TrainingError, match=r"loss is nan at step 6 .*nothing was saved after it"):
+        train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(5, "head.weight")])
+    assert {p.name for p in proj.glob("rwkv-[0-9]*")} == {"rwkv-0.pth", "rwkv-0.state.pth", "rwkv-1.pth",
+                                                         "rwkv-1.state.pth"}
+    assert "epoch 2" not in (proj / "train_log.txt").read_text()
+
+
+def test_nan_weights_with_finite_loss_are_not_saved(tmp_path: Path) -> None:
+    """Layer 0 never uses att.v0 (SPEC), so a NaN there leaves the loss finite: the save must still refuse."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=5)
+    train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+    with pytest.raises(TrainingError, match=r"weights hold NaN/inf after step 2; rwkv-0.pth was not written"):
+        train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(1, "blocks.0.att.v0")])
+    assert not list(proj.glob("rwkv-[0-9]*"))

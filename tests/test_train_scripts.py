@@ -1,0 +1,86 @@
+"""The demo scripts chained as a user runs them: make_data -> prepare (init) -> pretrain -> SFT, on CPU.
+
+The scripts run from another working directory with tiny sizes set through their environment
+variables; the data is a slice of the bundled sample converted by data/make_data.py.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.model import RWKV, ModelConfig
+from src.trainer import read_train_log
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"N_LAYER": "2", "N_EMBD": "64", "HEAD_SIZE": "32", "CTX_LEN": "64"}
+
+
+def make_data(tmp: Path, source: str, lines: int) -> dict[str, str]:
+    """First `lines` records of data/sample/<source>.jsonl -> binidx; returns make_data's printed flags."""
+    jsonl = tmp / f"{source}.jsonl"
+    with open(REPO / "data" / "sample" / f"{source}.jsonl", encoding="utf-8") as f:
+        jsonl.write_text("".join(next(f) for _ in range(lines)), encoding="utf-8")
+    r = subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), str(jsonl), "1", SIZES["CTX_LEN"],
+                        "--out", str(tmp / source)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    flags = dict(re.findall(r"(MY_EXIT_TOKENS|MAGIC_PRIME|DATA_FILE|DATA_TYPE)=(\S+)", r.stdout))
+    assert len(flags) == 4, r.stdout
+    return flags
+
+
+def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, **SIZES, **env}
+    r = subprocess.run(["bash", str(REPO / name)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
+    pre, sft = make_data(tmp_path, "pretrain", 100), make_data(tmp_path, "sft", 300)
+    assert pre["DATA_TYPE"] == "binidx" and sft["DATA_TYPE"] == "sft"
+    pt, ft = tmp_path / "out" / "pt", tmp_path / "out" / "pt-sft"
+
+    # stage 1 with the published flags (cpu, bf16, deepspeed_stage_2): bf16 weights, no data read
+    run_script("demo-training-prepare.sh", tmp_path, PROJ_DIR=str(pt), DATA_FILE=str(tmp_path / "absent"))
+    init = torch.load(pt / "rwkv-init.pth", weights_only=True)
+    cfg = ModelConfig(vocab_size=6400, n_layer=2, n_embd=64, head_size=32)
+    model = RWKV(cfg)
+    assert {k: v.shape for k, v in init.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert all(v.dtype == torch.bfloat16 for v in init.values())
+
+    # pretrain: no GPU here, so the script picks cpu/fp32/auto; it starts from rwkv-init.pth
+    common = dict(M_BSZ="8", EPOCH_STEPS="4", LR_INIT="3e-3", LR_FINAL="1e-3")
+    r = run_script("demo-training-run.sh", tmp_path, PROJ_DIR=str(pt), **common,
+                   **{k: pre[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME", "DATA_TYPE")})
+    assert "GPU available: False" in r.stderr + r.stdout
+    log = (pt / "train_log.txt").read_text()
+    assert f"from {pt / 'rwkv-init.pth'}" in log and "accelerator = cpu" in log and "precision = fp32" in log
+    rows = read_train_log(pt / "train_log.txt")
+    assert rows[-1]["tokens"] >= int(pre["MY_EXIT_TOKENS"]) > rows[-1]["tokens"] - 8 * 64
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
+    assert (pt / "rwkv-final.pth").is_file()
+
+    # SFT: PRETRAIN_DIR's rwkv-final.pth is the default LOAD_MODEL; PROJ_DIR defaults to PRETRAIN_DIR-sft
+    run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
+               LR_INIT="1e-3", LR_FINAL="1e-3",
+               **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
+    log = (ft / "train_log.txt").read_text()
+    assert f"from {pt / 'rwkv-final.pth'} (weights only: a new start" in log and "data_type = sft" in log
+    assert "sft_whole_seq = 0" in log
+    rows = read_train_log(ft / "train_log.txt")
+    assert rows[-1]["loss"] < rows[0]["loss"], rows
+    assert (ft / "rwkv-final.pth").is_file()
+
+    # rerunning the finished SFT command trains nothing more and keeps the result
+    before = (ft / "rwkv-final.pth").read_bytes()
+    r = run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
+                   **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
+    assert "nothing to train" in r.stdout and (ft / "rwkv-final.pth").read_bytes() == before

@@ -1,0 +1,561 @@
+"""WKV7 backstepping kernel (cuda/wkv7_cuda.cu, src/wkv7/kernel.py).
+
+Without a GPU the kernel is checked three ways:
+1. `emulate_forward` / `emulate_backward` below replay the kernel's algorithm in float64 (per-thread
+   rows and columns, chunk checkpoints in the transposed layout, the per-step sa buffer, the
+   backward's exact backstepping, both copies of dS, the reloads at chunk boundaries, state in and
+   out) and must equal torch autograd through the sequential reference to ~1e-10.
+2. tests/wkv7_cpu_harness.cpp compiles the real kernel code with g++ and runs it with one host
+   thread per CUDA thread (std::barrier for __syncthreads): the real indexing, layouts, barriers,
+   bf16/fp16/fp32 conversions, in fp32 arithmetic, against the float64 reference.
+3. nvcc compiles the .cu (all element types), g++ compiles the torch binding, their symbols match,
+   and torch's hipify turns the .cu into HIP source.
+GPU tests (marked gpu) run the built extension against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.wkv7 import kernel as K
+from src.wkv7.reference import wkv7_sequential
+
+REPO = Path(__file__).resolve().parents[1]
+CU = REPO / "cuda" / "wkv7_cuda.cu"
+OP = REPO / "cuda" / "wkv7_op.cpp"
+HARNESS = Path(__file__).resolve().parent / "wkv7_cpu_harness.cpp"
+D_MIN = math.exp(-math.exp(-0.5))  # smallest decay the model produces (~0.545)
+CHUNK = K.CHUNK_LEN
+GRAD_NAMES = ("r", "w", "k", "v", "a", "b", "state")
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and reference
+
+
+def make_inputs(B: int, T: int, H: int, N: int, seed: int, d_lo: float = D_MIN, d_hi: float = 1 - 1e-4,
+                dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Model-like fresh inputs (a = -kk, b = kk * rate); decays uniform in [d_lo, d_hi] (the two
+    ends included), plus a random initial state and random output/state gradients."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    d = d_lo + (d_hi - d_lo) * torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
+    d.view(-1)[0], d.view(-1)[-1] = d_lo, d_hi
+    kk = F.normalize(rnd(B, T, H, N), dim=-1)
+    out = {
+        "r": rnd(B, T, H, N),
+        "w": torch.log(-torch.log(d)),  # exp(-exp(w)) = d
+        "k": rnd(B, T, H, N) * 0.5,
+        "v": rnd(B, T, H, N),
+        "a": -kk,
+        "b": kk * torch.rand(B, T, H, N, generator=g, dtype=torch.float64),
+        "s0": rnd(B, H, N, N) * 0.5,
+        "dy": rnd(B, T, H, N),
+        "dsT": rnd(B, H, N, N),
+    }
+    return {key: x.to(dtype) for key, x in out.items()}
+
+
+def reference(x: dict[str, torch.Tensor], with_state: bool = True):
+    """float64 y, final state and the gradients of sum(y*dy) + sum(sT*dsT) via autograd."""
+    leaves = [x[n].double().clone().requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    s0 = x["s0"].double().clone().requires_grad_() if with_state else None
+    y, sT = wkv7_sequential(*leaves, state=s0)
+    ((y * x["dy"].double()).sum() + (sT * x["dsT"].double()).sum()).backward()
+    grads = [t.grad for t in leaves] + [s0.grad if with_state else None]
+    return y.detach(), sT.detach(), grads
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|: one number per tensor, robust to elements near zero."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. float64 emulation of the kernel's algorithm
+
+
+def emulate_forward(r, w, k, v, a, b, s0, chunk=CHUNK):
+    """The forward kernel, all (batch, head) blocks at once; thread i's row is S[..., i, :]."""
+    B, T, H, N = r.shape
+    S = s0.clone() if s0 is not None else r.new_zeros(B, H, N, N)  # (B,H,N,N) rows = threads
+    y = torch.empty_like(r)
+    sa_buf = torch.empty_like(r)
+    chunks = r.new_zeros(B, H, T // chunk, N, N)
+    for t in range(T):
+        d = torch.exp(-torch.exp(w[:, t]))  # (B,H,N) in shared memory
+        sa = (S * a[:, t, :, None, :]).sum(-1)  # thread i: sum_j S[i,j] a_j
+        S = S * d[:, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        y[:, t] = (S * r[:, t, :, None, :]).sum(-1)
+        sa_buf[:, t] = sa
+        if (t + 1) % chunk == 0:
+            chunks[:, :, t // chunk] = S.transpose(-1, -2)  # stored [j][i] = S[i][j]
+    return y, S, chunks, sa_buf
+
+
+def emulate_backward(r, w, k, v, a, b, dy, chunks, sa_buf, dsT, chunk=CHUNK):
+    """The backward kernel: thread c holds s_col[c, m] = S[m][c], dsc[c, m] = dS[m][c] and the row
+    copy dsr[c, m] = dS[c][m]; it walks t downwards, reloading S_t from `chunks` at chunk ends and
+    backstepping S_{t-1} = (S_t - v k^T - sa b^T) / d in between."""
+    B, T, H, N = r.shape
+    grads = {n: torch.empty_like(r) for n in ("r", "w", "k", "v", "a", "b")}
+    dsc = dsT.transpose(-1, -2).clone() if dsT is not None else r.new_zeros(B, H, N, N)
+    dsr = dsT.clone() if dsT is not None else r.new_zeros(B, H, N, N)
+    s_col = r.new_zeros(B, H, N, N)
+    for t in range(T - 1, -1, -1):
+        rt, kt, vt, at, bt, dyt, sat = (x[:, t] for x in (r, k, v, a, b, dy, sa_buf))  # (B,H,N)
+        wfac = -torch.exp(w[:, t])
+        d = torch.exp(wfac)
+        if (t + 1) % chunk == 0:
+            s_col = chunks[:, :, t // chunk].clone()  # thread c reads its stored row = column c of S
+        col = lambda x: x[..., :, None]  # thread's own value (index c)
+        shared = lambda x: x[..., None, :]  # value of every thread (index m), from shared memory
+        dr = (s_col * shared(dyt)).sum(-1)
+        s_col = (s_col - shared(vt) * col(kt) - shared(sat) * col(bt)) / col(d)
+        dsc = dsc + shared(dyt) * col(rt)
+        dsr = dsr + col(dyt) * shared(rt)
+        dv = (dsr * shared(kt)).sum(-1)
+        dsa = (dsr * shared(bt)).sum(-1)  # -> shared memory, barrier
+        dk = (dsc * shared(vt)).sum(-1)
+        db = (dsc * shared(sat)).sum(-1)
+        dd = (dsc * s_col).sum(-1)
+        da = (s_col * shared(dsa)).sum(-1)
+        dsc = dsc * col(d) + shared(dsa) * col(at)
+        dsr = dsr * shared(d) + col(dsa) * shared(at)
+        for name, g in zip(("r", "w", "k", "v", "a", "b"), (dr, dd * d * wfac, dk, dv, da, db)):
+            grads[name][:, t] = g
+    return grads, dsc.transpose(-1, -2), dsr
+
+
+@pytest.mark.parametrize("T,with_state", [(16, True), (48, True), (32, False)])
+def test_emulated_algorithm_matches_autograd_float64(T: int, with_state: bool) -> None:
+    x = make_inputs(2, T, 2, 8, seed=T)
+    s0 = x["s0"] if with_state else None
+    y, sT, chunks, sa_buf = emulate_forward(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], s0)
+    grads, ds0, ds0_rows = emulate_backward(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], x["dy"],
+                                            chunks, sa_buf, x["dsT"])
+    y_ref, sT_ref, g_ref = reference(x, with_state)
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(sT, sT_ref) < 1e-12
+    for name in GRAD_NAMES[:6]:
+        assert rel_err(grads[name], g_ref[GRAD_NAMES.index(name)]) < 1e-9, name
+    if with_state:
+        assert rel_err(ds0, g_ref[6]) < 1e-9
+    assert rel_err(ds0_rows, ds0) < 1e-12  # both dS copies carry the same matrix
+
+
+def test_emulated_buffers_hold_the_states() -> None:
+    """Chunk checkpoints are S_t at t = 15, 31, ... in the [j][i] layout; sa_t = S_{t-1} a_t."""
+    x = make_inputs(1, 32, 2, 8, seed=5)
+    _, _, chunks, sa_buf = emulate_forward(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], x["s0"])
+    S = x["s0"].clone()
+    for t in range(32):
+        sa = (S @ x["a"][:, t, :, :, None])[..., 0]
+        assert torch.allclose(sa_buf[:, t], sa, atol=1e-12)
+        _, S = wkv7_sequential(*(x[n][:, t:t + 1] for n in ("r", "w", "k", "v", "a", "b")), state=S)
+        if (t + 1) % CHUNK == 0:
+            assert torch.allclose(chunks[:, :, t // CHUNK].transpose(-1, -2), S, atol=1e-12)
+
+
+def test_emulation_detects_a_wrong_gradient_term() -> None:
+    """Guard for the test above: dropping the dsa*a term of the dS update must break ds0."""
+    x = make_inputs(1, 16, 1, 8, seed=9)
+    y, sT, chunks, sa_buf = emulate_forward(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], x["s0"])
+    _, _, g_ref = reference(x)
+    grads, ds0, _ = emulate_backward(x["r"], x["w"], x["k"], x["v"], x["a"] * 0, x["b"], x["dy"],
+                                     chunks, sa_buf, x["dsT"])  # a = 0 only in the dS recursion
+    assert rel_err(ds0, g_ref[6]) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the real kernel code on the CPU (g++ harness)
+
+CUDA_INCLUDE = next((p for p in (Path("/usr/local/cuda/include"),) if (p / "cuda_bf16.h").exists()), None)
+if CUDA_INCLUDE is None and shutil.which("nvcc"):
+    CUDA_INCLUDE = Path(shutil.which("nvcc")).resolve().parents[1] / "include"
+HAVE_HARNESS_TOOLS = shutil.which("g++") is not None and CUDA_INCLUDE is not None and (CUDA_INCLUDE / "cuda_bf16.h").exists()
+DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """ctypes handles to the harness built for N = 16 and N = 64 (built once per test module)."""
+    if not HAVE_HARNESS_TOOLS:
+        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_bf16.h)")
+    out = {}
+    for n in (16, 64):
+        so = tmp_path_factory.mktemp("wkv7_harness") / f"wkv7_cpu_n{n}.so"
+        cmd = ["g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-fno-gnu-unique",
+               f"-I{CUDA_INCLUDE}", f"-D_N_={n}", f"-D_CHUNK_LEN_={CHUNK}", str(HARNESS), "-o", str(so)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        lib = ctypes.CDLL(str(so))
+        assert lib.wkv7_cpu_head_size() == n
+        out[n] = lib
+    return out
+
+
+def run_harness(lib, x: dict[str, torch.Tensor], dtype: torch.dtype, with_state: bool = True):
+    """Forward + backward of the real kernels on the CPU; returns what the extension returns."""
+    B, T, H, N = x["r"].shape
+    ins = [x[n].to(dtype).contiguous() for n in ("r", "w", "k", "v", "a", "b")]
+    dy = x["dy"].to(dtype).contiguous()
+    s0 = x["s0"].float().contiguous() if with_state else None
+    dsT = x["dsT"].float().contiguous()
+    y = torch.empty_like(ins[0])
+    sT = torch.empty(B, H, N, N)
+    chunks = torch.full((B, H, T // CHUNK, N, N), float("nan"))
+    sa = torch.full((B, T, H, N), float("nan"))
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)
+    code = DTYPE_CODE[dtype]
+    assert lib.wkv7_cpu_forward(code, B, T, H, *map(ptr, ins), ptr(s0), ptr(y), ptr(chunks), ptr(sa), ptr(sT)) == 0
+    grads = [torch.full_like(ins[0], float("nan")) for _ in range(6)]
+    ds0 = torch.full((B, H, N, N), float("nan"))
+    assert lib.wkv7_cpu_backward(code, B, T, H, *map(ptr, ins), ptr(dy), ptr(chunks), ptr(sa), ptr(dsT),
+                                 *map(ptr, grads), ptr(ds0)) == 0
+    return y, sT, chunks, sa, grads + [ds0]
+
+
+def rounded(x: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The inputs as the kernel sees them (rounded to dtype), so the reference uses the same values."""
+    out = {n: x[n].to(dtype).double() for n in ("r", "w", "k", "v", "a", "b", "dy")}
+    out["s0"], out["dsT"] = x["s0"].float().double(), x["dsT"].float().double()
+    return out
+
+
+@pytest.mark.parametrize("N,T,with_state", [(16, 48, True), (16, 32, False), (64, 32, True)])
+def test_harness_fp32_matches_reference(harness, N: int, T: int, with_state: bool) -> None:
+    x = make_inputs(2, T, 2, N, seed=100 + N + T)
+    y, sT, chunks, sa, grads = run_harness(harness[N], x, torch.float32, with_state)
+    xr = rounded(x, torch.float32)
+    y_ref, sT_ref, g_ref = reference(xr, with_state)
+    assert rel_err(y, y_ref) < 2e-5
+    assert rel_err(sT, sT_ref) < 2e-5
+    for name, g, gr in zip(GRAD_NAMES[:6], grads, g_ref):
+        assert rel_err(g, gr) < 2e-4, name
+    if with_state:
+        assert rel_err(grads[6], g_ref[6]) < 2e-4
+    # the stored buffers: chunk states [j][i] and sa_t = S_{t-1} a_t, as the emulation defines them
+    _, _, chunks_ref, sa_ref = emulate_forward(*(xr[n] for n in ("r", "w", "k", "v", "a", "b")),
+                                               xr["s0"] if with_state else None)
+    assert rel_err(chunks, chunks_ref) < 2e-5
+    assert rel_err(sa, sa_ref) < 2e-5
+
+
+def test_harness_worst_case_decay_fp32(harness) -> None:
+    """Every decay at the model's minimum 0.545: backstepping divides by d 16 times per chunk,
+    the reload at each chunk end keeps the error bounded."""
+    x = make_inputs(1, 64, 2, 64, seed=7, d_lo=D_MIN, d_hi=D_MIN)
+    y, sT, _, _, grads = run_harness(harness[64], x, torch.float32)
+    y_ref, sT_ref, g_ref = reference(rounded(x, torch.float32))
+    assert rel_err(y, y_ref) < 2e-5
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(g, gr) < 1e-3, name  # measured ~3e-4: (1/0.545)^15 amplifies fp32 rounding
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_harness_half_types(harness, dtype: torch.dtype, tol: float) -> None:
+    x = make_inputs(1, 32, 2, 16, seed=11)
+    y, sT, _, _, grads = run_harness(harness[16], x, dtype)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads[:6])
+    y_ref, sT_ref, g_ref = reference(rounded(x, dtype))
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(sT, sT_ref) < 1e-4  # the state stays fp32
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(g, gr) < tol, name
+
+
+def test_harness_detects_wrong_inputs(harness) -> None:
+    """Guard: the harness comparison fails when an input is swapped (k <-> v)."""
+    x = make_inputs(1, 16, 1, 16, seed=3)
+    y, _, _, _, _ = run_harness(harness[16], x, torch.float32)
+    x["k"], x["v"] = x["v"], x["k"]
+    y_ref, _, _ = reference(rounded(x, torch.float32))
+    assert rel_err(y, y_ref) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. builds: nvcc on the .cu, g++ on the binding, symbols, hipify
+
+NVCC = shutil.which("nvcc")
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr"]  # what torch.utils.cpp_extension adds for .cu files
+DEFINES = ["-D_N_=64", f"-D_CHUNK_LEN_={CHUNK}"]
+
+
+@pytest.fixture(scope="module")
+def cu_object(tmp_path_factory):
+    """The .cu compiled by nvcc with the kernel's flags (kernel.py) for sm_80 and sm_90."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    obj = tmp_path_factory.mktemp("nvcc") / "wkv7_cuda.o"
+    cmd = [NVCC, "-c", "-std=c++20", "-Xcompiler", "-fPIC", *TORCH_NVCC_FLAGS, *K._NVCC_FLAGS, *DEFINES,
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", str(CU), "-o", str(obj)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return obj, res.stdout + res.stderr
+
+
+def test_nvcc_compiles_every_element_type(cu_object) -> None:
+    _, log = cu_object
+    entries = re.findall(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", log)
+    for arch in ("80", "90"):
+        names = [n for n, a in entries if a == arch]
+        for kern in ("forward_kernel", "backward_kernel"):
+            for elem in ("13__nv_bfloat16", "6__half", "f"):
+                assert any(f"{kern}I{elem}E" in n for n in names), (kern, elem, arch)
+    # the forward keeps its row of the state in registers: no local-memory spills there
+    fwd = re.findall(r"Function properties for \S*forward_kernel\S*\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    assert fwd and all(s == "0" for _, s in fwd), fwd
+
+
+def _cuda_home() -> Path | None:
+    for p in (Path("/usr/local/cuda"), Path(NVCC).resolve().parents[1] if NVCC else None):
+        if p is not None and (p / "include" / "cuda_runtime.h").exists():
+            return p
+    return None
+
+
+@pytest.fixture(scope="module")
+def binding(cu_object, tmp_path_factory):
+    """The torch binding compiled with g++ against the torch headers only (no CUDA headers),
+    linked with the nvcc object into an extension module and imported (no GPU needed for that)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import include_paths
+
+    if shutil.which("g++") is None or shutil.which("nm") is None or _cuda_home() is None:
+        pytest.skip("needs g++, nm and the CUDA runtime library")
+    tmp = tmp_path_factory.mktemp("binding")
+    obj, so = tmp / "wkv7_op.o", tmp / "wkv7_test.so"
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd = ["g++", "-c", "-O0", "-std=c++20", "-fPIC", *DEFINES, "-DTORCH_EXTENSION_NAME=wkv7_test",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", *incs, str(OP), "-o", str(obj)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    torch_lib = Path(torch.__file__).parent / "lib"
+    cudart = _cuda_home() / "lib64"
+    cmd = ["g++", "-shared", str(obj), str(cu_object[0]), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+           "-ltorch_python", f"-L{cudart}", "-lcudart", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cudart}", "-o", str(so)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    spec = importlib.util.spec_from_file_location("wkv7_test", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return obj, module
+
+
+def test_binding_calls_the_launchers_it_links(binding, cu_object) -> None:
+    """Every launcher the binding calls is defined by the nvcc object with the same (mangled)
+    signature, and the linked module imports (all symbols resolve)."""
+    obj, module = binding
+    undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout
+    wanted = set(re.findall(r"(\S*wkv7_\w+_launch\S*)", undefined))
+    assert len(wanted) == 2, undefined
+    defined = subprocess.run(["nm", "--defined-only", str(cu_object[0])], capture_output=True, text=True, check=True).stdout
+    for sym in wanted:
+        assert re.search(rf"\sT {re.escape(sym)}$", defined, re.M), f"{sym} not defined by wkv7_cuda.o"
+    assert module.head_size == 64 and module.chunk_len == CHUNK
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda ins: ins.__setitem__(1, ins[1].float()), "w has dtype Float but r has BFloat16"),
+    (lambda ins: ins.__setitem__(slice(None), [t.double() for t in ins]), "cast r, w, k, v, a, b to bfloat16, float16 or float32"),
+    (lambda ins: ins.__setitem__(2, ins[2][:, :16]), "k has shape [1, 16, 2, 64] but r has [1, 32, 2, 64]"),
+    (lambda ins: ins.__setitem__(3, ins[3].transpose(1, 2).contiguous().transpose(1, 2)), "v is not contiguous"),
+    (lambda ins: ins.__setitem__(slice(None), _cpu_inputs(T=20)), "T = 20 is not a multiple of 16"),
+    (lambda ins: ins.__setitem__(slice(None), _cpu_inputs(N=32)), "this build is for head size N = 64, got N = 32"),
+    (lambda ins: ins.append(torch.zeros(1, 2, 64, 64, dtype=torch.float64)), "state must be float32"),
+    (lambda ins: ins.append(torch.zeros(1, 2, 64, 32)), "state must have shape (B,H,N,N) = (1,2,64,64)"),
+    (lambda ins: None, "r is on cpu; move r, w, k, v, a, b and the state to the GPU"),
+])
+def test_binding_rejects_bad_input(binding, change, needle) -> None:
+    """The C++ checks (behind kernel.py's) say what to change; CPU tensors reach all but the last."""
+    _, module = binding
+    ins = _cpu_inputs()
+    change(ins)
+    state = ins.pop() if len(ins) == 7 else None
+    with pytest.raises(RuntimeError) as e:
+        module.forward(*ins, state, 0)
+    assert needle in str(e.value)
+
+
+def test_hipify_converts_the_kernel(tmp_path) -> None:
+    """ROCm: torch.utils.cpp_extension.load runs this hipify on the sources; the result must use
+    HIP names only (one source of truth for CUDA and HIP)."""
+    from torch.utils.hipify import hipify_python
+
+    src = tmp_path / "repo" / "cuda"
+    build = tmp_path / "build"
+    src.mkdir(parents=True)
+    build.mkdir()
+    for f in (CU, OP):
+        shutil.copy(f, src / f.name)
+    result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
+                                  extra_files=[str(src / CU.name), str(src / OP.name)],
+                                  is_pytorch_extension=True, show_detailed=False, show_progress=False)
+    hip_cu = Path(result[str(src / CU.name)].hipified_path)
+    assert hip_cu.suffix == ".hip" and hip_cu.exists()
+    text = re.sub(r"//[^\n]*", "", hip_cu.read_text())  # code only
+    for cuda_name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h", "__nv_bfloat16", "cudaStream_t",
+                      "cudaGetLastError", "cudaSuccess", "cudaGetErrorString", "<<<"):
+        assert cuda_name not in text, cuda_name
+    for hip_name in ("hip/hip_bf16.h", "hip/hip_fp16.h", "__hip_bfloat16", "hipStream_t", "hipLaunchKernelGGL"):
+        assert hip_name in text, hip_name
+    # hipcc, unlike nvcc, needs the runtime header before the first kernel
+    assert 0 <= text.find("#include <hip/hip_runtime.h>") < text.find("__global__")
+    # the binding has no CUDA names in its code: hipify leaves the code as it is
+    code = lambda t: [ln for ln in re.sub(r"//[^\n]*", "", t).splitlines() if ln.strip()]
+    assert code(Path(result[str(src / OP.name)].hipified_path).read_text()) == code(OP.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. src/wkv7/kernel.py on the CPU: validation messages, availability, build errors
+
+
+def _cpu_inputs(T: int = 32, N: int = 64, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    return [torch.zeros(1, T, 2, N, dtype=dtype) for _ in range(6)]
+
+
+@pytest.mark.parametrize("mutate,exc,needle", [
+    (lambda ins: ins.__setitem__(1, ins[1].float()), TypeError, "w has dtype torch.float32 but r has torch.bfloat16"),
+    (lambda ins: ins.__setitem__(slice(None), [t.double() for t in ins]), TypeError, "use bfloat16, float16 or float32"),
+    (lambda ins: ins.__setitem__(2, ins[2][:, :16]), ValueError, "k has shape (1, 16, 2, 64)"),
+    (lambda ins: ins.__setitem__(3, ins[3].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "v is not contiguous"),
+    (lambda ins: ins.__setitem__(slice(None), _cpu_inputs(T=20)), ValueError, "T=20 is not a positive multiple of 16"),
+    (lambda ins: ins.__setitem__(slice(None), _cpu_inputs(N=48)), ValueError, "head size N=48 is not supported"),
+    (lambda ins: None, ValueError, "the kernel needs CUDA/ROCm tensors"),
+])
+def test_input_validation_messages(mutate, exc, needle) -> None:
+    ins = _cpu_inputs()
+    mutate(ins)
+    with pytest.raises(exc) as e:
+        K.wkv7_kernel(*ins)
+    assert needle in str(e.value)
+
+
+def test_state_validation_messages() -> None:
+    ins = _cpu_inputs()
+    with pytest.raises(ValueError, match=r"state has shape \(1, 2, 64, 32\), expected \(B,H,N,N\)"):
+        K.wkv7_kernel(*ins, state=torch.zeros(1, 2, 64, 32))
+    with pytest.raises(TypeError, match="pass state.float()"):
+        K.wkv7_kernel(*ins, state=torch.zeros(1, 2, 64, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="--wkv_impl torch"):  # CPU tensors, state fine
+        K.wkv7_kernel(*ins, state=torch.zeros(1, 2, 64, 64))
+
+
+def test_no_kernel_on_cpu() -> None:
+    assert not K.kernel_available("cpu")
+    assert not K.kernel_applicable(torch.zeros(1, 16, 1, 64))
+    with pytest.raises(ValueError, match="head size 48 is not supported"):
+        K.load_kernel(48)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="torch has a GPU toolkit")
+def test_build_without_toolkit_says_how_to_fall_back() -> None:
+    with pytest.raises(RuntimeError) as e:
+        K.load_kernel(64)
+    assert "nvcc" in str(e.value) and "--wkv_impl torch" in str(e.value) and 'impl="torch"' in str(e.value)
+
+
+def test_build_log_key_lines() -> None:
+    log = "[1/3] c++ ok\nnoise\n/x/wkv7_cuda.cu(12): error: identifier \"foo\" is undefined\nninja: build stopped\n"
+    lines = K._key_lines(log)
+    assert "wkv7_cuda.cu(12): error" in lines and "noise" not in lines
+    assert K._key_lines("a\nb\nc") == "a\nb\nc"  # no error line: the tail
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the built extension (skipped without CUDA/ROCm)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+GPU_TOL = {torch.float32: 3e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # ~10x the CPU harness
+
+
+def run_gpu(x, dtype, with_state=True, use_state_grad=True):
+    dev = "cuda"
+    leaves = [x[n].to(dev, dtype).contiguous().requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    s0 = x["s0"].to(dev, torch.float32).requires_grad_() if with_state else None
+    y, sT = K.wkv7_kernel(*leaves, state=s0)
+    loss = (y.float() * x["dy"].to(dev, dtype).float()).sum()
+    if use_state_grad:
+        loss = loss + (sT * x["dsT"].to(dev, torch.float32)).sum()
+    loss.backward()
+    return y, sT, [t.grad for t in leaves] + [s0.grad if with_state else None]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_gpu_kernel_matches_reference(dtype: torch.dtype, with_state: bool) -> None:
+    x = make_inputs(2, 64, 3, 64, seed=21)
+    y, sT, grads = run_gpu(x, dtype, with_state)
+    assert y.dtype == dtype and sT.dtype == torch.float32 and sT.shape == (2, 3, 64, 64)
+    xr = rounded(x, dtype)
+    y_ref, sT_ref, g_ref = reference(xr, with_state)
+    tol = GPU_TOL[dtype]
+    assert rel_err(y.cpu(), y_ref) < tol
+    assert rel_err(sT.cpu(), sT_ref) < 1e-4  # the state is fp32 whatever the inputs
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        if gr is not None:
+            assert g.dtype == (torch.float32 if name == "state" else dtype)
+            assert rel_err(g.cpu(), gr) < tol, name
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_worst_case_decay_and_long_sequence() -> None:
+    x = make_inputs(1, 512, 2, 64, seed=22, d_lo=D_MIN, d_hi=0.9)
+    y, sT, grads = run_gpu(x, torch.float32)
+    y_ref, sT_ref, g_ref = reference(rounded(x, torch.float32))
+    assert rel_err(y.cpu(), y_ref) < 1e-4
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(g.cpu(), gr) < 3e-4, name
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_unused_outputs_and_split_sequence() -> None:
+    """Only y used (state gradient None) and a sequence run in two halves with the state carried
+    equals one run over the whole (forward and input gradients)."""
+    x = make_inputs(1, 64, 2, 64, seed=23)
+    _, _, grads = run_gpu(x, torch.float32, with_state=True, use_state_grad=False)
+    x0 = dict(x, dsT=torch.zeros_like(x["dsT"]))
+    _, _, g_ref = reference(rounded(x0, torch.float32))
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(g.cpu(), gr) < 3e-4, name
+    ins = [x[n].cuda().float() for n in ("r", "w", "k", "v", "a", "b")]
+    y_full, s_full = K.wkv7_kernel(*ins, state=x["s0"].cuda().float())
+    y1, s1 = K.wkv7_kernel(*(t[:, :32].contiguous() for t in ins), state=x["s0"].cuda().float())
+    y2, s2 = K.wkv7_kernel(*(t[:, 32:].contiguous() for t in ins), state=s1)
+    assert rel_err(torch.cat([y1, y2], 1), y_full) < 1e-5 and rel_err(s2, s_full) < 1e-5
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dispatcher_uses_the_kernel() -> None:
+    from src.wkv7 import wkv7
+
+    x = make_inputs(1, 32, 2, 64, seed=24)
+    ins = [x[n].cuda().float() for n in ("r", "w", "k", "v", "a", "b")]
+    y_k, s_k = K.wkv7_kernel(*ins)
+    y_c, s_c = wkv7(*ins, impl="cuda")
+    assert torch.equal(y_k, y_c) and torch.equal(s_k, s_c)
+    y_t, s_t = wkv7(*ins, impl="torch")
+    assert rel_err(y_k, y_t) < 1e-3 and rel_err(s_k, s_t) < 1e-3

@@ -1,0 +1,398 @@
+"""Train Mini-RWKV-7 (x070): stage 1 writes rwkv-init.pth, stages 2/3 pretrain or fine-tune (SFT).
+
+    python train.py --train_stage 1 --proj_dir out/L8-D512-x070 --precision bf16 ...     # init
+    python train.py --train_stage 3 --proj_dir out/L8-D512-x070 --data_file data/pretrain_hq \\
+        --data_type binidx --my_exit_tokens 441795307 --magic_prime 862811 ...           # pretrain
+    python train.py --train_stage 3 --proj_dir out/L8-D512-x070-sft --data_type sft \\
+        --load_model out/L8-D512-x070/rwkv-final.pth --data_file data/sft_512 ...        # SFT
+
+The demo-training-*.sh scripts hold the published settings. Reads top to bottom: parse the flags,
+check them against the machine and the data (every problem is reported before any compute), then
+stage 1 saves the initial weights, stages 2/3 find where to start, build the model, the data and
+the Lightning Trainer, and fit. src/trainer.py documents the schedule, the files and the resume.
+
+Where a stage 2/3 run starts, in this order:
+1. proj_dir holds rwkv-N.pth (N >= 0): resume from the highest N at mini-epoch N+1; exactly (same
+   lr, Adam moments, next sample) when its rwkv-N.state.pth fits this run, weights-only otherwise.
+   --load_model is then ignored, so rerunning an interrupted SFT command continues it.
+2. --load_model PATH: its weights, fresh optimizer, from mini-epoch --epoch_begin (default 0).
+3. proj_dir/rwkv-init.pth from stage 1, from mini-epoch --epoch_begin.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader
+
+from src import sampler
+from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
+from src.dataset import PretrainDataset, SFTDataset
+from src.model import RWKV, ModelConfig
+from src.sampler import SAMPLES_PER_EPOCH
+from src.trainer import (RunPlan, Schedule, TrainingError, TrainingMonitor,
+                         find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
+
+PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+              "deepspeed_stage_3", "deepspeed_stage_3_offload")
+
+
+@rank_zero_only
+def say(msg: str) -> None:
+    """Print once per run (every DDP process runs this file; rank 0 speaks)."""
+    print(msg, flush=True)
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False or 1/0, got {v!r}")
+
+
+def magic_prime_flag(v: str) -> int:
+    """An int; make_data prints MAGIC_PRIME=NONE when the data has no valid prime, which SFT does not need."""
+    return 0 if v.upper() == "NONE" else int(v)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # what to train, where
+    a("--train_stage", type=int, default=3, choices=(1, 2, 3),
+      help="1: write rwkv-init.pth and stop; 2/3: train (resume from the highest rwkv-N.pth in proj_dir)")
+    a("--load_model", default="", help="start from this checkpoint (e.g. the pretrain's rwkv-final.pth for SFT)")
+    a("--proj_dir", default="out", help="folder for checkpoints and train_log.txt")
+    a("--wandb", default="", help="wandb project name ('' = off; WANDB_MODE=offline works without network)")
+    a("--random_seed", type=int, default=-1, help="seed for init and SFT order (-1: init unseeded, SFT order 0)")
+    # data
+    a("--data_file", default="", help="binidx prefix (path without .bin/.idx) written by data/make_data.py")
+    a("--data_type", default="binidx", choices=("binidx", "sft"),
+      help="binidx: pretrain windows (magic-prime sampler); sft: conversations, loss on assistant tokens")
+    a("--sft_whole_seq", type=int, default=0, choices=(0, 1), help="sft: 1 = loss on every token (no .mask)")
+    a("--sft_mode", default="pack", choices=SFTDataset.MODES,
+      help="sft: pack = a conversation and those after it fill ctx_len; pad = one conversation per sample")
+    a("--vocab_size", type=int, default=6400)
+    a("--ctx_len", type=int, default=512)
+    a("--my_exit_tokens", type=int, default=0,
+      help="tokens to train (must equal the data's token count); 0 = train --epoch_count mini-epochs")
+    a("--magic_prime", type=magic_prime_flag, default=0,
+      help="the sampler's prime printed by make_data (binidx; sft: unused, 0); NONE (make_data's word) = 0")
+    # mini-epochs
+    a("--epoch_steps", type=int, default=0,
+      help="steps per mini-epoch; 0 = 40320 // real_bsz (SPEC). Smaller values suit small data")
+    a("--epoch_count", type=int, default=0,
+      help="mini-epochs when --my_exit_tokens is 0; 0 = as many as the data holds")
+    a("--epoch_begin", type=int, default=0, help="first mini-epoch when starting from --load_model/rwkv-init")
+    a("--epoch_save", type=int, default=1, help="save rwkv-N.pth every this many mini-epochs (0: final only)")
+    a("--micro_bsz", type=int, default=16, help="samples per device per step")
+    # model
+    a("--my_testing", default="x070", help="model version; only x070 exists here")
+    a("--n_layer", type=int, default=8)
+    a("--n_embd", type=int, default=512)
+    a("--dim_att", type=int, default=0, help="0 = n_embd")
+    a("--dim_ffn", type=int, default=0, help="0 = 4 * n_embd")
+    a("--head_size", type=int, default=64)
+    a("--grad_cp", type=int, default=0, choices=(0, 1), help="1: gradient checkpointing (less memory, slower)")
+    a("--wkv_impl", default="auto", choices=("auto", "cuda", "torch"), help="WKV7 implementation (src/wkv7)")
+    # optimizer and schedule
+    a("--lr_init", type=float, default=6e-4)
+    a("--lr_final", type=float, default=2e-5)
+    a("--warmup_steps", type=int, default=10)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.99)
+    a("--adam_eps", type=float, default=1e-18)
+    a("--weight_decay", type=float, default=0.001)
+    a("--grad_clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    # machine
+    a("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="auto: gpu when present")
+    a("--devices", type=int, default=1, help="GPUs (or CPU processes) per node")
+    a("--num_nodes", type=int, default=1)
+    a("--precision", default="bf16", choices=tuple(PRECISIONS),
+      help="bf16 -> bf16-mixed, fp16 -> 16-mixed (GPU), fp32 -> 32-true, tf32 -> 32-true with TF32 matmuls")
+    a("--strategy", default="auto", choices=STRATEGIES,
+      help="deepspeed_* need GPUs; on CPU use auto (1 process) or ddp (gloo, --devices processes)")
+    a("--ds_bucket_mb", type=float, default=200, help="DeepSpeed allgather/reduce bucket size in MB")
+    a("--enable_progress_bar", type=str2bool, default=True)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (no compute yet)
+# ----------------------------------------------------------------------------------------------
+
+def check_machine(args: argparse.Namespace) -> None:
+    """Resolve --accelerator auto and reject settings this machine or strategy cannot run."""
+    has_gpu = torch.cuda.is_available()
+    if args.accelerator == "auto":
+        args.accelerator = "gpu" if has_gpu else "cpu"
+    args.accelerator = "gpu" if args.accelerator == "cuda" else args.accelerator
+    if args.my_testing != "x070":
+        raise TrainingError(f"--my_testing {args.my_testing!r}: only the x070 (RWKV-7) model is implemented")
+    for flag in ("micro_bsz", "ctx_len", "devices", "num_nodes", "n_layer", "n_embd", "head_size", "vocab_size"):
+        if getattr(args, flag) < 1:
+            raise TrainingError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("epoch_steps", "epoch_count", "epoch_begin", "epoch_save", "warmup_steps", "my_exit_tokens",
+                 "magic_prime"):
+        if getattr(args, flag) < 0:
+            raise TrainingError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not args.lr_init > 0 or args.lr_final < 0:
+        raise TrainingError(f"--lr_init must be > 0 and --lr_final >= 0 (got {args.lr_init}, {args.lr_final})")
+    if args.train_stage == 1:
+        return   # stage 1 only builds the model on the CPU: any machine and strategy will do
+    if args.accelerator == "gpu" and not has_gpu:
+        raise TrainingError("--accelerator gpu but torch sees no CUDA/ROCm device "
+                            f"(torch {torch.__version__}); use --accelerator cpu --strategy auto --precision fp32")
+    if args.accelerator == "cpu":
+        if args.strategy.startswith("deepspeed"):
+            raise TrainingError(f"--strategy {args.strategy} needs GPUs (DeepSpeed does not train on CPU); "
+                                "on CPU use --strategy auto (one process) or ddp (--devices processes, gloo)")
+        if args.precision == "fp16":
+            raise TrainingError("--precision fp16 (16-mixed) needs a GPU; on CPU use bf16 or fp32")
+        if args.wkv_impl == "cuda":
+            raise TrainingError("--wkv_impl cuda needs a GPU; on CPU use --wkv_impl torch (or auto)")
+    if args.accelerator == "gpu" and args.wkv_impl != "torch" and args.ctx_len % 16:
+        raise TrainingError(f"--ctx_len {args.ctx_len} is not a multiple of 16, which the WKV7 GPU kernel "
+                            "needs (it keeps the state every 16 steps): use e.g. 512, or --wkv_impl torch (slow)")
+    if args.ds_bucket_mb <= 0:
+        raise TrainingError(f"--ds_bucket_mb must be > 0, got {args.ds_bucket_mb}")
+
+
+def check_data(args: argparse.Namespace) -> int:
+    """Open the data, check --magic_prime/--my_exit_tokens against it; returns the samples it holds per pass."""
+    if not args.data_file:
+        raise TrainingError("--data_file is required for training: the binidx prefix written by data/make_data.py")
+    try:
+        data = MMapIndexedDataset(args.data_file)
+        if args.data_type == "sft" and not args.sft_whole_seq:
+            open_mask(data.prefix, data.num_tokens)
+    except BinIdxError as e:
+        raise TrainingError(str(e)) from e
+    n, ctx = data.num_tokens, args.ctx_len
+    right_p = sampler.magic_prime(n, ctx)
+    right = f"--my_exit_tokens {n} --magic_prime {right_p}"
+    if args.my_exit_tokens not in (0, n):
+        raise TrainingError(f"--my_exit_tokens {args.my_exit_tokens} does not match {args.data_file} ({n} tokens): "
+                            f"use {right} for ctx_len {ctx} (or --my_exit_tokens 0 with --epoch_count)")
+    if args.data_type == "binidx":
+        small = sampler.too_small_message(n, ctx)
+        if small is not None:
+            raise TrainingError(f"{args.data_file}: {small}")
+        if args.magic_prime != right_p:
+            raise TrainingError(f"--magic_prime {args.magic_prime} does not match {args.data_file} ({n} tokens) at "
+                                f"ctx_len {ctx}: use {right} (what data/make_data.py prints)")
+        return right_p
+    if args.magic_prime not in (0, right_p):
+        # SFT samples whole conversations and needs no prime; a wrong one still means wrong data or ctx_len.
+        raise TrainingError(f"--magic_prime {args.magic_prime} does not match {args.data_file} ({n} tokens) at "
+                            f"ctx_len {ctx}: --data_type sft does not use it; pass 0 or {right_p}")
+    return SFTDataset(args.data_file, ctx, mode=args.sft_mode, whole_sequence=bool(args.sft_whole_seq)).n_samples
+
+
+def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, int]:
+    """Fill args.real_bsz, args.epoch_steps, args.epoch_count; returns (total_steps, exit_tokens)."""
+    args.real_bsz = args.num_nodes * args.devices * args.micro_bsz
+    if args.epoch_steps == 0:
+        if SAMPLES_PER_EPOCH % args.real_bsz:
+            raise TrainingError(
+                f"real_bsz = num_nodes {args.num_nodes} x devices {args.devices} x micro_bsz {args.micro_bsz} = "
+                f"{args.real_bsz} does not divide the {SAMPLES_PER_EPOCH} samples of a mini-epoch: choose "
+                "sizes whose product divides 40320 (e.g. micro_bsz 1, 2, 4, 8, 16, 32, 64) or set --epoch_steps")
+        args.epoch_steps = SAMPLES_PER_EPOCH // args.real_bsz
+    samples_per_epoch = args.epoch_steps * args.real_bsz
+    available = samples_per_pass // samples_per_epoch
+    if available == 0:
+        raise TrainingError(f"{args.data_file} holds {samples_per_pass} samples of ctx_len {args.ctx_len}, fewer than "
+                            f"one mini-epoch ({args.epoch_steps} steps x real_bsz {args.real_bsz}): set --epoch_steps "
+                            f"to at most {max(samples_per_pass // args.real_bsz, 1)} (or make more data)")
+    if args.epoch_count == 0:
+        args.epoch_count = available
+    tokens_per_step = args.real_bsz * args.ctx_len
+    if args.my_exit_tokens:
+        total_steps = math.ceil(args.my_exit_tokens / tokens_per_step)
+        return total_steps, args.my_exit_tokens
+    if args.epoch_count > available:
+        raise TrainingError(f"--epoch_count {args.epoch_count} needs {args.epoch_count * samples_per_epoch} samples "
+                            f"but {args.data_file} holds {samples_per_pass}: at most {available} mini-epochs")
+    total_steps = args.epoch_count * args.epoch_steps
+    return total_steps, total_steps * tokens_per_step
+
+
+def find_start(args: argparse.Namespace) -> tuple[Path, int, bool]:
+    """(weights to load, first mini-epoch, whether they are this proj_dir's own rwkv-N.pth)."""
+    proj = Path(args.proj_dir)
+    ckpt, n = find_resume_checkpoint(proj)
+    if n >= 0:
+        assert ckpt is not None
+        if args.load_model:
+            say(f"note: {proj} already holds {ckpt.name}; continuing it and ignoring --load_model {args.load_model}")
+        if args.epoch_begin not in (0, n + 1):
+            say(f"note: --epoch_begin {args.epoch_begin} ignored: resuming {ckpt.name} continues at mini-epoch {n + 1}")
+        return ckpt, n + 1, True
+    if args.load_model:
+        if not Path(args.load_model).is_file():
+            raise TrainingError(f"--load_model {args.load_model}: no such file (for SFT: the pretraining writes "
+                                "rwkv-final.pth when it reaches --my_exit_tokens)")
+        return Path(args.load_model), args.epoch_begin, False
+    if ckpt is not None:
+        return ckpt, args.epoch_begin, False
+    raise TrainingError(f"{proj} holds no rwkv-init.pth or rwkv-N.pth to start from: run stage 1 first "
+                        "(demo-training-prepare.sh, --train_stage 1 with the same --proj_dir) or pass --load_model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------------------------------
+
+def build_model(args: argparse.Namespace) -> RWKV:
+    try:
+        return RWKV(ModelConfig.from_namespace(args))
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+
+
+def write_init(args: argparse.Namespace) -> int:
+    """Stage 1: rwkv-init.pth (bf16 when --precision bf16), no data needed."""
+    if args.random_seed >= 0:
+        pl.seed_everything(args.random_seed)
+    proj = Path(args.proj_dir)
+    proj.mkdir(parents=True, exist_ok=True)
+    model = build_model(args)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    path = proj / "rwkv-init.pth"
+    save_atomic({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"stage 1: wrote {path} ({n_params:,} parameters, {str(dtype).replace('torch.', '')})")
+    ckpt, n = find_resume_checkpoint(proj)
+    if n >= 0:
+        say(f"note: {proj} also holds {ckpt.name if ckpt else ''}; stage 2/3 will continue from it, not from the new "
+              "init (use another --proj_dir to start over)")
+    return 0
+
+
+def build_strategy(args: argparse.Namespace) -> Strategy | str:
+    if args.strategy.startswith("deepspeed"):
+        stage = int(args.strategy.split("_")[2])
+        offload = args.strategy.endswith("_offload")
+        bucket = int(args.ds_bucket_mb * 1_000_000)
+        return DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+                                 allgather_bucket_size=bucket, reduce_bucket_size=bucket,
+                                 logging_batch_size_per_gpu=args.micro_bsz)
+    if args.strategy == "ddp" or args.devices * args.num_nodes > 1:
+        # Layer 0 never uses its v0/v1/v2 (kept for the checkpoint format); a static graph lets DDP
+        # skip their gradients without searching for unused parameters every step.
+        return DDPStrategy(static_graph=True)
+    return "auto"
+
+
+class TrainData(pl.LightningDataModule):
+    """Builds the rank's dataset once the Trainer knows rank and world size (after the processes start)."""
+
+    def __init__(self, args: argparse.Namespace, epoch_begin: int, n_epochs: int):
+        super().__init__()
+        self.args, self.epoch_begin, self.n_epochs = args, epoch_begin, n_epochs
+
+    def train_dataloader(self) -> DataLoader:
+        a = self.args
+        layout = dict(rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                      epoch_begin=self.epoch_begin, n_epochs=self.n_epochs, micro_bsz=a.micro_bsz,
+                      samples_per_epoch=a.epoch_steps * a.real_bsz)
+        if a.data_type == "binidx":
+            ds = PretrainDataset(a.data_file, a.ctx_len, a.magic_prime, **layout)
+        else:
+            ds = SFTDataset(a.data_file, a.ctx_len, mode=a.sft_mode, whole_sequence=bool(a.sft_whole_seq),
+                            seed=max(a.random_seed, 0), **layout)
+        gpu = a.accelerator == "gpu"
+        # Samples are read in order: all randomness is in the dataset's index math (resume, ranks).
+        return DataLoader(ds, batch_size=a.micro_bsz, shuffle=False, drop_last=True, pin_memory=gpu,
+                          num_workers=1 if gpu else 0, persistent_workers=gpu)
+
+
+def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
+    if args.precision == "tf32" and args.accelerator == "gpu":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                      precision=PRECISIONS[args.precision], strategy=build_strategy(args),
+                      max_epochs=1, max_steps=max_steps, use_distributed_sampler=False,
+                      gradient_clip_val=args.grad_clip if args.grad_clip > 0 else None,
+                      logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      enable_progress_bar=args.enable_progress_bar, default_root_dir=args.proj_dir,
+                      callbacks=list(callbacks))
+
+
+def run_header(args: argparse.Namespace, argv: Sequence[str], start: Path, how: str) -> list[str]:
+    return [f"run {datetime.now(timezone.utc).isoformat(timespec='seconds')} stage {args.train_stage}: "
+            f"from {start} ({how}) at mini-epoch {args.epoch_begin}, world size {args.num_nodes * args.devices}",
+            "argv: " + " ".join(shlex.quote(a) for a in argv),
+            *(f"  {k} = {v}" for k, v in sorted(vars(args).items()))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    check_machine(args)
+    if args.train_stage == 1:
+        return write_init(args)
+
+    samples_per_pass = check_data(args)
+    total_steps, exit_tokens = plan_epochs(args, samples_per_pass)
+    final = Path(args.proj_dir) / "rwkv-final.pth"
+    if final.is_file():
+        say(f"nothing to train: {final} exists, this run has finished (delete it or use another --proj_dir "
+            "to train again)")
+        return 0
+    start, args.epoch_begin, own = find_start(args)
+    start_step = args.epoch_begin * args.epoch_steps
+    plan = RunPlan(proj_dir=Path(args.proj_dir), ctx_len=args.ctx_len, real_bsz=args.real_bsz,
+                   epoch_steps=args.epoch_steps, start_step=start_step, total_steps=total_steps,
+                   epoch_save=args.epoch_save)
+    model = build_model(args)
+    load_weights(model, start)
+    if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth
+        if rank_zero_only.rank == 0:
+            save_atomic(model.state_dict(), final)
+        say(f"nothing to train: {start} is at step {start_step} of {total_steps}; {final} holds the result")
+        return 0
+    resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
+    how = f"exact resume with {why}" if resume else f"weights only: {why}"
+    say(f"stage {args.train_stage}: starting from {start} at mini-epoch {args.epoch_begin} "
+        f"(step {start_step} of {total_steps}), {how}")
+
+    schedule = Schedule(lr_init=args.lr_init, lr_final=args.lr_final, warmup_steps=args.warmup_steps,
+                        tokens_per_step=plan.tokens_per_step, exit_tokens=exit_tokens)
+    monitor = TrainingMonitor(plan, schedule, run_header(args, argv, start, how), resume=resume,
+                              wandb_project=args.wandb, wandb_config=vars(args))
+    n_epochs = math.ceil((total_steps - start_step) / args.epoch_steps)
+    trainer = build_trainer(args, total_steps - start_step, [monitor, *callbacks])
+    trainer.fit(model, datamodule=TrainData(args, args.epoch_begin, n_epochs))
+    return 0
+
+
+if __name__ == "__main__":
+    # Lightning's hint to add DataLoader workers does not apply: samples are memory-mapped slices.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # The model logs train_loss for the progress bar; train_log.txt and wandb are the logs here.
+    warnings.filterwarnings("ignore", ".*but have no logger configured.*")
+    try:
+        sys.exit(main())
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
