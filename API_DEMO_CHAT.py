@@ -120,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights and activations (default: fp32 on CPU, bf16 on GPU); the wkv state is fp32")
     p.add_argument("--wkv_impl", choices=("auto", "cuda", "torch"), default="auto",
                    help="WKV7 implementation for the prompt prefill (see src/wkv7)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default 0: torch's choice, usually one per core)")
     p.add_argument("--max_tokens", type=int, default=500, help="longest reply in tokens")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=d.top_p, help="nucleus mass (1 = off)")
@@ -139,6 +141,10 @@ def build_session(args: argparse.Namespace) -> ChatSession:
     """Load model, tokenizer and sampler; raises ValueError/CheckpointError/FileNotFoundError with a fix."""
     if args.max_tokens < 1:
         raise ValueError(f"--max_tokens {args.max_tokens}: must be >= 1")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA/ROCm device is available here; use --device cpu")
@@ -179,35 +185,39 @@ def answer(session: ChatSession, message: str, label: str = "") -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def chat_loop(session: ChatSession) -> int:
+    """Interactive turns until Ctrl-D (EOF) or Ctrl-C; both end the program normally (0)."""
     try:
-        session = build_session(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"[error] {e}", file=sys.stderr)
-        return 2
-    m = session.model
-    print(f"RWKV-7 L{m.n_layer}-D{m.n_embd} vocab {m.vocab_size} from {m.path} on {m.device} ({m.dtype})",
-          file=sys.stderr)
-    if args.prompt is not None:
-        return 0 if answer(session, args.prompt) else 1
-
-    print(f"Type a message. {RESET_COMMAND} starts a new conversation; Ctrl-D or Ctrl-C quits.", file=sys.stderr)
-    try:
+        print(f"Type a message. {RESET_COMMAND} starts a new conversation; Ctrl-D or Ctrl-C quits.",
+              file=sys.stderr, flush=True)
         while True:
-            try:
-                message = input("User: ")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
+            message = input("User: ")
             if message.strip() == RESET_COMMAND:
                 session.reset()
                 print("[conversation cleared]", file=sys.stderr)
                 continue
             answer(session, message, label="Assistant: ")
-    except KeyboardInterrupt:
+    except (EOFError, KeyboardInterrupt):
         print(file=sys.stderr)
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        session = build_session(args)
+        m = session.model
+        print(f"RWKV-7 L{m.n_layer}-D{m.n_embd} vocab {m.vocab_size} from {m.path} on {m.device} ({m.dtype})",
+              file=sys.stderr)
+        if args.prompt is not None:
+            return 0 if answer(session, args.prompt) else 1
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"[error] {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # while loading or answering --prompt: no traceback, the usual status
+        print(file=sys.stderr)
+        return 130
+    return chat_loop(session)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -85,8 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--sft_whole_seq", type=int, default=0, choices=(0, 1), help="sft: 1 = loss on every token (no .mask)")
     a("--sft_mode", default="pack", choices=SFTDataset.MODES,
       help="sft: pack = a conversation and those after it fill ctx_len; pad = one conversation per sample")
-    a("--vocab_size", type=int, default=6400)
-    a("--ctx_len", type=int, default=512)
+    a("--vocab_size", type=int, default=6400, help="tokenizer vocabulary (MiniMind2: 6400)")
+    a("--ctx_len", type=int, default=512, help="tokens per sample (a multiple of 16 for the GPU kernel)")
     a("--my_exit_tokens", type=int, default=0,
       help="tokens to train (must equal the data's token count); 0 = train --epoch_count mini-epochs")
     a("--magic_prime", type=magic_prime_flag, default=0,
@@ -101,32 +101,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--micro_bsz", type=int, default=16, help="samples per device per step")
     # model
     a("--my_testing", default="x070", help="model version; only x070 exists here")
-    a("--n_layer", type=int, default=8)
-    a("--n_embd", type=int, default=512)
+    a("--n_layer", type=int, default=8, help="blocks")
+    a("--n_embd", type=int, default=512, help="model width C")
     a("--dim_att", type=int, default=0, help="0 = n_embd")
     a("--dim_ffn", type=int, default=0, help="0 = 4 * n_embd")
-    a("--head_size", type=int, default=64)
+    a("--head_size", type=int, default=64, help="WKV head size N (heads = n_embd / head_size)")
     a("--grad_cp", type=int, default=0, choices=(0, 1), help="1: gradient checkpointing (less memory, slower)")
     a("--wkv_impl", default="auto", choices=("auto", "cuda", "torch"), help="WKV7 implementation (src/wkv7)")
     # optimizer and schedule
-    a("--lr_init", type=float, default=6e-4)
-    a("--lr_final", type=float, default=2e-5)
-    a("--warmup_steps", type=int, default=10)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.99)
-    a("--adam_eps", type=float, default=1e-18)
-    a("--weight_decay", type=float, default=0.001)
+    a("--lr_init", type=float, default=6e-4, help="learning rate after warmup (att.w0 gets 2x)")
+    a("--lr_final", type=float, default=2e-5, help="learning rate at --my_exit_tokens (cosine in tokens)")
+    a("--warmup_steps", type=int, default=10,
+      help="steps of linear warmup from 1%% of the lr, counted from a fresh optimizer")
+    a("--beta1", type=float, default=0.9, help="Adam beta1")
+    a("--beta2", type=float, default=0.99, help="Adam beta2")
+    a("--adam_eps", type=float, default=1e-18, help="Adam epsilon")
+    a("--weight_decay", type=float, default=0.001, help="decoupled weight decay on 2-D weight matrices only")
     a("--grad_clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
     # machine
     a("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="auto: gpu when present")
     a("--devices", type=int, default=1, help="GPUs (or CPU processes) per node")
-    a("--num_nodes", type=int, default=1)
+    a("--num_nodes", type=int, default=1, help="machines (MASTER_ADDR/MASTER_PORT/NODE_RANK set on each)")
     a("--precision", default="bf16", choices=tuple(PRECISIONS),
       help="bf16 -> bf16-mixed, fp16 -> 16-mixed (GPU), fp32 -> 32-true, tf32 -> 32-true with TF32 matmuls")
     a("--strategy", default="auto", choices=STRATEGIES,
       help="deepspeed_* need GPUs; on CPU use auto (1 process) or ddp (gloo, --devices processes)")
     a("--ds_bucket_mb", type=float, default=200, help="DeepSpeed allgather/reduce bucket size in MB")
-    a("--enable_progress_bar", type=str2bool, default=True)
+    a("--enable_progress_bar", type=str2bool, default=True, help="True/False: loss, lr and kilo-tokens/s per step")
     return p.parse_args(argv)
 
 
@@ -362,7 +363,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     start, args.epoch_begin, own = find_start(args)
     start_step = args.epoch_begin * args.epoch_steps
     plan = RunPlan(proj_dir=Path(args.proj_dir), ctx_len=args.ctx_len, real_bsz=args.real_bsz,
-                   epoch_steps=args.epoch_steps, start_step=start_step, total_steps=total_steps,
+                   world_size=args.num_nodes * args.devices, epoch_steps=args.epoch_steps, start_step=start_step, total_steps=total_steps,
                    epoch_save=args.epoch_save)
     model = build_model(args)
     load_weights(model, start)

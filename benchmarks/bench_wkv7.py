@@ -45,14 +45,19 @@ class Row:
 
 
 def make_inputs(B: int, T: int, H: int, N: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
-    """Model-like inputs (decays in [0.545, 1), a = -kk, b = kk * rate), leaves with grad."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    """Model-like inputs (decays in [0.545, 1), a = -kk, b = kk * rate), made on `device`,
+    leaves with grad."""
+    g = torch.Generator(device=device).manual_seed(0)
     shape = (B, T, H, N)
-    d = D_MIN + (1 - D_MIN - 1e-4) * torch.rand(shape, generator=g)
-    kk = F.normalize(torch.randn(shape, generator=g), dim=-1)
-    ins = [torch.randn(shape, generator=g), torch.log(-torch.log(d)), torch.randn(shape, generator=g) * 0.5,
-           torch.randn(shape, generator=g), -kk, kk * torch.rand(shape, generator=g)]
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in ins]
+
+    def rand(fn: Callable, scale: float = 1.0) -> torch.Tensor:
+        return fn(shape, generator=g, device=device) * scale
+
+    d = D_MIN + (1 - D_MIN - 1e-4) * rand(torch.rand)
+    kk = F.normalize(rand(torch.randn), dim=-1)
+    ins = [rand(torch.randn), torch.log(-torch.log(d)), rand(torch.randn, 0.5), rand(torch.randn), -kk,
+           kk * rand(torch.rand)]
+    return [t.to(dtype).requires_grad_() for t in ins]
 
 
 def timed(fn: Callable[[], None], device: str, warmup: int, reps: int) -> float:

@@ -73,6 +73,8 @@ void check_state(const at::Tensor& s, const char* name, const at::Tensor& ref) {
                 "wkv7 kernel: ", name, " must have shape (B,H,N,N) = (", B, ",", H, ",", kN, ",", kN,
                 "), got ", s.sizes());
     TORCH_CHECK(s.is_contiguous(), "wkv7 kernel: ", name, " is not contiguous; call .contiguous() on it first");
+    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(s.data_ptr()) % 16 == 0, "wkv7 kernel: ", name,
+                " is not 16-byte aligned (the kernel moves it with float4); pass ", name, ".clone()");
 }
 
 // xs[0] is r; `state` (the initial state or the final state's gradient) may be absent.

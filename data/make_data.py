@@ -124,7 +124,6 @@ class EncodedBatch:
     sizes: np.ndarray         # int64 tokens per document
     mask: np.ndarray | None   # uint8 aligned with tokens (SFT files)
     bad: list[tuple[int, str]]  # (line number, why) of the records left out
-    lines: int                # lines read (blank ones included)
 
 
 def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], kind: str) -> EncodedBatch:
@@ -174,7 +173,7 @@ def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], ki
     if kind == "conversations":
         mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
     bad.sort()
-    return EncodedBatch(tokens, np.array(sizes, dtype=np.int64), mask, bad, len(lines))
+    return EncodedBatch(tokens, np.array(sizes, dtype=np.int64), mask, bad)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -216,6 +215,12 @@ class MakeDataResult:
         p = self.magic_prime if self.too_small is None else None
         return (f"MY_EXIT_TOKENS={self.num_tokens} MAGIC_PRIME={p if p is not None else 'NONE'} "
                 f"DATA_FILE={data_file} DATA_TYPE={data_type} CTX_LEN={self.ctx_len}")
+
+    def train_args(self) -> str:
+        data_type = "sft" if self.kind == "conversations" else "binidx"
+        prime = "" if self.too_small is not None else f" --magic_prime {self.magic_prime}"
+        return (f"--my_exit_tokens {self.num_tokens}{prime} --data_file {_display_path(self.prefix)} "
+                f"--data_type {data_type} --ctx_len {self.ctx_len}")
 
 
 def _display_path(p: Path) -> str:
@@ -322,7 +327,8 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
             for b in results:
                 if b.bad and not skip_bad:
                     no, why = b.bad[0]
-                    raise MakeDataError(f"{path}:{no}: {why} (fix the line or pass --skip-bad to leave such records out)")
+                    raise MakeDataError(f"{path}:{no}: {why} "
+                                        "(fix the line or pass --skip-bad to leave such records out)")
                 bad_lines.update(no for no, _ in b.bad)
                 if len(b.sizes):
                     builder.add_documents(b.tokens, b.sizes, b.mask)
@@ -347,15 +353,16 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
 
 def report(r: MakeDataResult) -> str:
     files = ".bin/.idx/.mask" if r.kind == "conversations" else ".bin/.idx"
-    lines = [f"wrote {_display_path(r.prefix)}{{{files}}}: {r.num_tokens:,} tokens ({r.dtype}), {r.num_docs:,} documents "
-             f"({r.records:,} {'SFT' if r.kind == 'conversations' else 'pretrain'} records x {r.num_docs // max(r.records, 1)} epochs"
+    what = "SFT" if r.kind == "conversations" else "pretrain"
+    lines = [f"wrote {_display_path(r.prefix)}{{{files}}}: {r.num_tokens:,} tokens ({r.dtype}), "
+             f"{r.num_docs:,} documents ({r.records:,} {what} records x {r.num_docs // max(r.records, 1)} epochs"
              + (f"; skipped {r.skipped:,} bad records per epoch" if r.skipped else "") + ")"]
     if r.too_small:
         lines.append(f"WARNING: {r.too_small}")
     else:
         lines.append(f"ctx_len {r.ctx_len}: {windows(r.num_tokens, r.ctx_len):,} windows; "
                      f"my_exit_tokens {r.num_tokens}, magic_prime {r.magic_prime}")
-    lines += ["flags to paste into the demo scripts:", r.flags()]
+    lines += ["flags to paste into the demo scripts:", r.flags(), "or as train.py arguments:", r.train_args()]
     return "\n".join(lines)
 
 

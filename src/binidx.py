@@ -166,7 +166,8 @@ def open_mask(prefix: str | Path, num_tokens: int) -> np.ndarray:
                           "'conversations'; or train on whole sequences instead")
     size = path.stat().st_size
     if size != num_tokens:
-        raise BinIdxError(f"{path}: {size} bytes but the .bin holds {num_tokens} tokens (one byte per token); remake it")
+        raise BinIdxError(f"{path}: {size} bytes but the .bin holds {num_tokens} tokens (one byte per token); "
+                          "remake it")
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(num_tokens,))
 
 

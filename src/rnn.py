@@ -18,8 +18,8 @@ Two paths give the same numbers (to float rounding; tests/test_rnn.py):
   run in parallel over chunks of `prefill_chunk` tokens with the state carried in and out through
   src.wkv7 (the GPU kernel where it applies); chunking bounds memory for any prompt length, and the
   head only runs on the positions whose logits are returned.
-- one token: a matrix-vector step written for low per-token overhead; it reads the same parameter
-  tensors as the parallel model (no copies) and updates the wkv state with two rank-1 products.
+- one token: a matrix-vector step written for low per-token overhead; it reads the same weight
+  matrices as the parallel model (no copies) and updates the wkv state with two rank-1 products.
 
 dtype: float32 (CPU or GPU), float16/bfloat16 (GPU; the wkv state stays float32), float64 (CPU, for
 tests: then the wkv state is float64 too).
@@ -40,7 +40,8 @@ from src.model import RWKV, ModelConfig
 from src.wkv7 import IMPLS
 
 State = list[Tensor]
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 512
+KERNEL_CHUNK = 16    # the GPU kernel's T must be a multiple of this (SPEC section 2)
 LN_EPS = 1e-5        # nn.LayerNorm default, as in src.model
 LN_X_EPS = 64e-5     # ln_x GroupNorm eps (SPEC)
 DECAY_SCALE = math.exp(-0.5)
@@ -117,6 +118,20 @@ def config_from_state_dict(sd: dict[str, Tensor], source: str = "checkpoint",
     return cfg
 
 
+def prefill_pieces(T: int, chunk: int, kernel_sized: bool) -> list[tuple[int, int]]:
+    """(start, length) pieces of a T-token prompt, each at most `chunk` long. With kernel_sized (on a
+    GPU) a piece whose length is not a multiple of 16 is split so that the WKV7 kernel, which needs
+    T % 16 == 0, still takes all but its last < 16 tokens (those run on the PyTorch path)."""
+    pieces, start = [], 0
+    while start < T:
+        n = min(chunk, T - start)
+        if kernel_sized and n > KERNEL_CHUNK and n % KERNEL_CHUNK:
+            n -= n % KERNEL_CHUNK
+        pieces.append((start, n))
+        start += n
+    return pieces
+
+
 class RWKV_RNN:
     """An RWKV-7 checkpoint ready for chat: `logits, state = model.forward(tokens, state)`."""
 
@@ -145,6 +160,7 @@ class RWKV_RNN:
                               strict=True, assign=True)
         self.model = model.eval().requires_grad_(False)
         self._layers = [self._decode_weights(b) for b in model.blocks]
+        self._neg_decay_scale = torch.tensor(-DECAY_SCALE, dtype=self.state_dtype, device=device)
 
     # ------------------------------------------------------------------ public API
     def empty_state(self) -> State:
@@ -197,24 +213,29 @@ class RWKV_RNN:
         return ids
 
     def _check_state(self, state: State) -> State:
+        """Check the shapes; a state from elsewhere (another dtype or device) is converted."""
         C, H, N = self.n_embd, self.n_head, self.head_size
         if len(state) != 3 * self.n_layer:
             raise ValueError(f"state has {len(state)} tensors, expected 3 * n_layer = {3 * self.n_layer}")
+        out = state
         for i, s in enumerate(state):
             want = (H, N, N) if i % 3 == 1 else (C,)
             if tuple(s.shape) != want:
                 raise ValueError(f"state[{i}] has shape {tuple(s.shape)}, expected {want} "
                                  "(per layer: att x_prev (C,), wkv (H,N,N), ffn x_prev (C,))")
-        return state
+            dtype = self.state_dtype if i % 3 == 1 else self.dtype
+            if s.dtype != dtype or s.device != self.device:
+                out = list(state) if out is state else out
+                out[i] = s.to(device=self.device, dtype=dtype)
+        return out
 
     # ------------------------------------------------------------------ parallel prefill
     def _prefill(self, ids: Tensor, state: State, full_output: bool) -> tuple[Tensor, State]:
         m = self.model
-        batched = [s.unsqueeze(0).to(self.state_dtype if i % 3 == 1 else self.dtype)
-                   for i, s in enumerate(state)]                                # (1,C), (1,H,N,N)
+        batched = [s.unsqueeze(0) for s in state]                             # (1,C), (1,H,N,N)
         outs = []
-        for start in range(0, ids.numel(), self.prefill_chunk):
-            x = m.emb(ids[start:start + self.prefill_chunk].unsqueeze(0))     # (1,T,C)
+        for start, n in prefill_pieces(ids.numel(), self.prefill_chunk, self.device.type == "cuda"):
+            x = m.emb(ids[start:start + n].unsqueeze(0))                       # (1,n,C)
             v_first = None
             for i, block in enumerate(m.blocks):
                 x, v_first, layer_state = block(x, v_first, tuple(batched[3 * i:3 * i + 3]))
@@ -251,6 +272,7 @@ class RWKV_RNN:
         m, C, H, N = self.model, self.n_embd, self.n_head, self.head_size
         sdt = self.state_dtype
         upcast = self.dtype != sdt                      # fp16/bf16 weights: the wkv math runs in fp32
+        neg_decay_scale = self._neg_decay_scale         # a 0-dim tensor: a Python float costs a copy per use
         x = m.emb.weight[token]                                                # (C,)
         x = F.layer_norm(x, (C,), m.blocks[0].ln0.weight, m.blocks[0].ln0.bias, LN_EPS)
         v_first = x
@@ -278,9 +300,8 @@ class RWKV_RNN:
             w_, kk_, b_, k_, v_, r_ = wkv_in
             S = state[3 * layer + 1]                                           # (H,N,N)
             sa = torch.bmm(S, kk_.view(H, N, 1))                               # S kk = -(S a_in)
-            S = torch.baddbmm(S * torch.exp(torch.sigmoid(w_) * -DECAY_SCALE).view(H, 1, N),
-                              sa, b_.view(H, 1, N), alpha=-1)
-            S = torch.baddbmm(S, v_.view(H, N, 1), k_.view(H, 1, N))
+            S = S * torch.exp(torch.sigmoid(w_) * neg_decay_scale).view(H, 1, N)  # new tensor
+            S.baddbmm_(sa, b_.view(H, 1, N), alpha=-1).baddbmm_(v_.view(H, N, 1), k_.view(H, 1, N))
             y = torch.bmm(S, r_.view(H, N, 1)).view(H, N).to(x.dtype)          # y = S r
             y = torch.addcmul(lnx_b, F.layer_norm(y, (N,), eps=LN_X_EPS), lnx_w)
             y = torch.addcmul(y, (r * k * r_k).view(H, N).sum(-1, keepdim=True), v.view(H, N))

@@ -96,6 +96,7 @@ class RunPlan:
     proj_dir: Path
     ctx_len: int
     real_bsz: int
+    world_size: int
     epoch_steps: int
     start_step: int
     total_steps: int
@@ -108,6 +109,7 @@ class RunPlan:
     def resume_key(self) -> dict[str, int]:
         """What must be equal for an exact resume (same samples per step and per mini-epoch)."""
         return {"ctx_len": self.ctx_len, "real_bsz": self.real_bsz, "epoch_steps": self.epoch_steps}
+    # (Without DeepSpeed the world size may change: step s trains the same global samples either way.)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,8 +185,12 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
         return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
     if state["step"] != plan.start_step:
         return None, f"{path.name} is at step {state['step']}, {weights.name} ends at step {plan.start_step}"
-    if state.get("deepspeed_dir") and not (weights.parent / state["deepspeed_dir"]).is_dir():
-        return None, f"its DeepSpeed folder {state['deepspeed_dir']} is missing"
+    if state["deepspeed_dir"]:
+        if not (weights.parent / state["deepspeed_dir"]).is_dir():
+            return None, f"its DeepSpeed folder {state['deepspeed_dir']} is missing"
+        if state["world_size"] != plan.world_size:
+            return None, (f"its DeepSpeed optimizer shards come from {state['world_size']} processes, "
+                          f"this run has {plan.world_size}")
     return state, f"optimizer state {path.name}"
 
 
@@ -218,7 +224,6 @@ class TrainingMonitor(pl.Callback):
         self.run_steps = 0
         self.kt_per_s = 0.0
         self._last_time = 0.0
-        self._run_start = 0.0
         self._wandb: Any = None
 
     # ---- paths -------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ class TrainingMonitor(pl.Callback):
                 self._wandb = wandb.init(project=self.wandb_project, config=self.wandb_config,
                                          dir=str(self.plan.proj_dir),
                                          name=f"{self.plan.proj_dir.name}-step{self.step}")
-        self._run_start = self._last_time = time.time()
+        self._last_time = time.time()
         self.epoch = _EpochStats()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -332,13 +337,14 @@ class TrainingMonitor(pl.Callback):
         state: dict[str, Any] | None = None
         if with_state:
             state = {"format": STATE_FORMAT, "step": self.step, "warm_step": self.warm_step,
-                     "plan": self.plan.resume_key(), "optimizer": None, "deepspeed_dir": None}
+                     "plan": self.plan.resume_key(), "world_size": trainer.world_size, "optimizer": None,
+                     "deepspeed_dir": None}
             if deepspeed:
                 ds_dir = path.with_suffix(".ds")
                 strategy.deepspeed_engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
                 strategy.barrier("deepspeed state saved")
                 state["deepspeed_dir"] = ds_dir.name
-            else:
+            elif trainer.is_global_zero:   # DDP keeps the optimizer identical on every rank
                 state["optimizer"] = trainer.optimizers[0].state_dict()
         if trainer.is_global_zero:
             if state is not None:

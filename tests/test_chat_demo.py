@@ -1,6 +1,7 @@
 """API_DEMO_CHAT.py: UTF-8-safe streaming, greedy decoding against the parallel model, the command line."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,20 @@ def test_demo_rejects_bad_setups_clearly(tiny, tmp_path, capsys):
     if not torch.cuda.is_available():
         rc, err = main_err("--model", str(path), "--prompt", "hi", "--device", "cuda")
         assert rc == 2 and "--device cpu" in err
+
+
+@pytest.mark.slow
+def test_demo_exits_cleanly_on_ctrl_c(tiny):
+    path, _ = tiny
+    proc = subprocess.Popen([sys.executable, str(REPO / "API_DEMO_CHAT.py"), "--model", str(path)], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:                       # wait until it waits for input
+            if "Ctrl-D or Ctrl-C quits" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "Traceback" not in err

@@ -100,7 +100,7 @@ def test_wrong_magic_prime_prints_the_right_one(tmp_path):
         assert f"--magic_prime {right} --my_exit_tokens {len(toks)}" in str(e.value)
     PretrainDataset(tmp_path / "d", 16, right)
     with pytest.raises(ValueError, match="too few for ctx_len"):
-        PretrainDataset(tmp_path / "d", len(toks) // 2, 2)
+        PretrainDataset(tmp_path / "d", len(toks) // 3, 2)  # 3 windows: p=2 covers 67%
     with pytest.raises(ValueError, match="must divide"):
         PretrainDataset(tmp_path / "d", 16, right, world_size=3, micro_bsz=11)
     with pytest.raises(ValueError, match="rank 4 is outside"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from src.model import RWKV, ModelConfig
-from src.rnn import CheckpointError, RWKV_RNN
+from src.rnn import CheckpointError, RWKV_RNN, prefill_pieces
 
 CFG = dict(vocab_size=97, n_layer=3, n_embd=64, head_size=16)
 
@@ -107,6 +107,9 @@ def test_state_carries_across_calls_and_is_not_modified(ckpt):
     # reusing the kept state gives the same continuation again
     b2, _ = decode_all(rnn, ids[20:23], state)
     assert torch.equal(b, b2)
+    # a state in another dtype (e.g. from an fp32 run) is converted, not rejected
+    b3, _ = decode_all(rnn, ids[20:23], [s.float() for s in state])
+    torch.testing.assert_close(b3, b, rtol=0, atol=1e-4)
 
 
 def test_state_layout_matches_model_forward_with_state(ckpt):
@@ -174,6 +177,19 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
         RWKV_RNN(_save(tmp_path, v6))
     with pytest.raises(ValueError, match="wkv_impl"):
         RWKV_RNN(path, wkv_impl="fast")
+
+
+def test_prefill_pieces_cover_the_prompt():
+    assert prefill_pieces(300, 128, False) == [(0, 128), (128, 128), (256, 44)]
+    assert prefill_pieces(300, 128, True) == [(0, 128), (128, 128), (256, 32), (288, 12)]
+    assert prefill_pieces(15, 512, True) == [(0, 15)]
+    assert prefill_pieces(16, 512, True) == [(0, 16)]
+    for T in range(1, 80):
+        for chunk in (16, 32, 48):
+            pieces = prefill_pieces(T, chunk, True)
+            assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:i]) for i in range(len(pieces))]
+            assert sum(n for _, n in pieces) == T and all(0 < n <= chunk for _, n in pieces)
+            assert all(n % 16 == 0 for _, n in pieces[:-1])
 
 
 def test_bad_tokens_and_states_are_rejected(ckpt):

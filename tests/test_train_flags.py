@@ -8,7 +8,8 @@ import torch
 
 import train
 from src.trainer import TrainingError
-from test_train_run import CTX, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import CTX, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The data is fresh synthetic binidx (arithmetic progressions of token ids, one document each): a
 2-layer model learns it within a few dozen steps, so a falling loss is a real signal. The helpers
-here (`write_progressions`, `tiny_flags`, `Recorder`) are reused by the other test_train_* files.
+here (`write_progressions`, `tiny_flags`, `one_thread`, ...) are reused by the other test_train_* files.
 """
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ from src.trainer import TrainingError
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, CTX, MICRO_BSZ = 64, 32, 4
 MODEL = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=VOCAB)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One torch thread here and in the subprocesses: on a busy 2-core machine torch's thread pool makes
+    these tiny models ~20x slower (threads wait on each other), and equal thread counts keep runs bit-exact."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def progressions(n_docs: int, seed: int) -> list[np.ndarray]:
@@ -117,21 +128,21 @@ def test_training_learns_and_writes_its_files(tmp_path: Path) -> None:
     r = run_cli(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
                  *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
     assert r.returncode == 0, r.stderr
-    r = run_cli(tiny_flags(data, n, proj, epoch_steps=5, epoch_count=8, epoch_save=3, wandb="rwkv-test"),
+    r = run_cli(tiny_flags(data, n, proj, epoch_steps=5, epoch_count=6, epoch_save=3, wandb="rwkv-test"),
                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
 
     rows = epoch_lines(proj)
-    assert [int(x["epoch"]) for x in rows] == list(range(8))
+    assert [int(x["epoch"]) for x in rows] == list(range(6))
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
-    assert rows[-1]["tokens"] == 8 * 5 * MICRO_BSZ * CTX and rows[-1]["steps"] == 40
+    assert rows[-1]["tokens"] == 6 * 5 * MICRO_BSZ * CTX and rows[-1]["steps"] == 30
     header = (proj / "train_log.txt").read_text()
     assert "#   lr_init = 0.003" in header and "from " + str(proj / "rwkv-init.pth") in header
-    assert (proj / "train_log.svg").read_text().count(",") >= 8   # 8 points on the curve
+    assert (proj / "train_log.svg").read_text().count(",") >= 6   # 6 points on the curve
 
-    # epoch_save 3: mini-epochs 0, 3, 6 with their resume state; the final weights once training ends
+    # epoch_save 3: mini-epochs 0 and 3 with their resume state; the final weights once training ends
     names = sorted(p.name for p in proj.iterdir() if p.suffix == ".pth")
-    assert names == sorted(["rwkv-init.pth", "rwkv-final.pth", *(f"rwkv-{e}{s}.pth" for e in (0, 3, 6)
+    assert names == sorted(["rwkv-init.pth", "rwkv-final.pth", *(f"rwkv-{e}{s}.pth" for e in (0, 3)
                                                                   for s in ("", ".state"))])
     cfg = ModelConfig(**MODEL, ctx_len=CTX)
     init, final = RWKV(cfg), RWKV(cfg)
@@ -146,9 +157,9 @@ def test_training_learns_and_writes_its_files(tmp_path: Path) -> None:
     runs = list((proj / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list((proj / "wandb").rglob("*"))[:20]
     steps = [h for h in wandb_history(runs[0]) if "tokens" in h]
-    assert [h["_step"] for h in steps] == list(range(1, 41))
+    assert [h["_step"] for h in steps] == list(range(1, 31))
     assert all(h["tokens"] == h["_step"] * MICRO_BSZ * CTX and h["loss"] > 0 and h["kt/s"] > 0 for h in steps)
-    want_lr = hand_lr(39, 39, 3e-3, 3e-4, 3, MICRO_BSZ * CTX, 40 * MICRO_BSZ * CTX)
+    want_lr = hand_lr(29, 29, 3e-3, 3e-4, 3, MICRO_BSZ * CTX, 30 * MICRO_BSZ * CTX)
     assert steps[-1]["lr"] == pytest.approx(want_lr, rel=1e-9)
     assert [h["epoch_loss"] for h in wandb_history(runs[0]) if "epoch_loss" in h] == \
         pytest.approx([r["loss"] for r in rows], abs=1e-6)
@@ -180,12 +191,12 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
                        *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
-    flags = dict(load_model=init / "rwkv-init.pth", epoch_count=6)
+    flags = dict(load_model=init / "rwkv-init.pth", epoch_count=10)  # B must still run when killed
 
     # A: uninterrupted, in this process
     rec_a = Recorder()
     assert train.main(tiny_flags(data, n, tmp_path / "a", **flags), callbacks=[rec_a]) == 0
-    steps = 6 * 4
+    steps = 10 * 4
     assert len(rec_a.rows) == steps
     # the schedule the optimizer really used: SPEC's formula, warmup from the fresh optimizer, x2 on att.w0
     for s, row in enumerate(rec_a.rows):
@@ -214,7 +225,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     for a, b in zip(rec_a.rows[done:], rec_b.rows):
         assert b["x"] == a["x"]                                   # the same next samples
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)      # the same schedule position, no new warmup
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+        assert b["loss"] == a["loss"]                              # bit for bit (same threads, same ops)
     assert f"exact resume with optimizer state rwkv-{last}.state.pth" in (proj_b / "train_log.txt").read_text()
 
     # control: the same weights without their optimizer state resume weights-only and drift apart

@@ -16,6 +16,7 @@ import torch
 
 from src.model import RWKV, ModelConfig
 from src.trainer import read_train_log
+from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"N_LAYER": "2", "N_EMBD": "64", "HEAD_SIZE": "32", "CTX_LEN": "64"}
@@ -44,7 +45,7 @@ def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
-    pre, sft = make_data(tmp_path, "pretrain", 100), make_data(tmp_path, "sft", 300)
+    pre, sft = make_data(tmp_path, "pretrain", 100), make_data(tmp_path, "sft", 160)
     assert pre["DATA_TYPE"] == "binidx" and sft["DATA_TYPE"] == "sft"
     pt, ft = tmp_path / "out" / "pt", tmp_path / "out" / "pt-sft"
 

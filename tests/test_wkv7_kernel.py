@@ -8,19 +8,21 @@ Without a GPU the kernel is checked three ways:
 2. tests/wkv7_cpu_harness.cpp compiles the real kernel code with g++ and runs it with one host
    thread per CUDA thread (std::barrier for __syncthreads): the real indexing, layouts, barriers,
    bf16/fp16/fp32 conversions, in fp32 arithmetic, against the float64 reference.
-3. nvcc compiles the .cu (all element types), g++ compiles the torch binding, their symbols match,
-   and torch's hipify turns the .cu into HIP source.
-GPU tests (marked gpu) run the built extension against the float64 reference.
+3. nvcc compiles the .cu (all element types) with kernel.py's flags, g++ compiles the torch binding
+   without CUDA headers, the two link into an importable module whose C++ input checks are
+   exercised on CPU tensors, and torch's hipify turns the .cu into HIP-only source.
+GPU tests (marked gpu) build the extension through kernel.py and compare it, through autograd, with
+the float64 reference (bf16, fp16, fp32; state in and out).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -184,10 +186,19 @@ def test_emulation_detects_a_wrong_gradient_term() -> None:
 # ----------------------------------------------------------------------------------------------
 # 2. the real kernel code on the CPU (g++ harness)
 
-CUDA_INCLUDE = next((p for p in (Path("/usr/local/cuda/include"),) if (p / "cuda_bf16.h").exists()), None)
-if CUDA_INCLUDE is None and shutil.which("nvcc"):
-    CUDA_INCLUDE = Path(shutil.which("nvcc")).resolve().parents[1] / "include"
-HAVE_HARNESS_TOOLS = shutil.which("g++") is not None and CUDA_INCLUDE is not None and (CUDA_INCLUDE / "cuda_bf16.h").exists()
+def _find_cuda_home() -> Path | None:
+    """The CUDA toolkit (headers for the harness, libcudart for the binding), if installed."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  Path(nvcc).resolve().parents[1] if nvcc else None]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_bf16.h").exists():
+            return Path(c)
+    return None
+
+
+CUDA_HOME = _find_cuda_home()
+HAVE_HARNESS_TOOLS = shutil.which("g++") is not None and CUDA_HOME is not None
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
@@ -200,7 +211,7 @@ def harness(tmp_path_factory):
     for n in (16, 64):
         so = tmp_path_factory.mktemp("wkv7_harness") / f"wkv7_cpu_n{n}.so"
         cmd = ["g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-fno-gnu-unique",
-               f"-I{CUDA_INCLUDE}", f"-D_N_={n}", f"-D_CHUNK_LEN_={CHUNK}", str(HARNESS), "-o", str(so)]
+               f"-I{CUDA_HOME / 'include'}", f"-D_N_={n}", f"-D_CHUNK_LEN_={CHUNK}", str(HARNESS), "-o", str(so)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
         lib = ctypes.CDLL(str(so))
@@ -279,6 +290,61 @@ def test_harness_half_types(harness, dtype: torch.dtype, tol: float) -> None:
         assert rel_err(g, gr) < tol, name
 
 
+class HarnessModule:
+    """Stands in for the built extension (same forward/backward contract as cuda/wkv7_op.cpp),
+    running the real kernels through the CPU harness: lets the autograd wiring of kernel.py run
+    on a CPU."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    @staticmethod
+    def _ptr(t):
+        return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+    def forward(self, r, w, k, v, a, b, s0, stream):
+        B, T, H, N = r.shape
+        y = torch.empty_like(r)
+        sT, chunks, sa = torch.empty(B, H, N, N), torch.empty(B, H, T // CHUNK, N, N), torch.empty(B, T, H, N)
+        assert self.lib.wkv7_cpu_forward(DTYPE_CODE[r.dtype], B, T, H, *map(self._ptr, (r, w, k, v, a, b, s0, y, chunks, sa, sT))) == 0
+        return [y, sT, chunks, sa]
+
+    def backward(self, r, w, k, v, a, b, dy, chunks, sa, dsT, want_ds0, stream):
+        B, T, H, N = r.shape
+        for t in (r, w, k, v, a, b, dy, chunks, sa) + ((dsT,) if dsT is not None else ()):
+            assert t.is_contiguous() and t.dtype in (r.dtype, torch.float32)
+        grads = [torch.empty_like(r) for _ in range(6)]
+        ds0 = torch.empty(B, H, N, N) if want_ds0 else None
+        assert self.lib.wkv7_cpu_backward(DTYPE_CODE[r.dtype], B, T, H, *map(self._ptr, (r, w, k, v, a, b, dy, chunks, sa, dsT)),
+                                          *map(self._ptr, grads), self._ptr(ds0)) == 0
+        return grads + ([ds0] if want_ds0 else [])
+
+
+@pytest.mark.parametrize("with_state,use_state_out", [(True, True), (True, False), (False, True)])
+def test_autograd_wrapper_on_the_harness(harness, monkeypatch, with_state: bool, use_state_out: bool) -> None:
+    """WKV7Kernel (what wkv7_kernel applies after its checks) with the harness as the module:
+    forward outputs and every gradient through autograd, an unused final state (None gradient)
+    and no initial state included."""
+    monkeypatch.setattr(K, "load_kernel", lambda n: HarnessModule(harness[n]))
+    monkeypatch.setattr(K, "_stream", lambda device: 0)
+    x = make_inputs(1, 32, 2, 16, seed=31)
+    if not use_state_out:
+        x["dsT"] = torch.zeros_like(x["dsT"])
+    leaves = [x[n].float().requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    s0 = x["s0"].float().requires_grad_() if with_state else None
+    y, sT = K.WKV7Kernel.apply(*leaves, s0)
+    loss = (y * x["dy"].float()).sum() + ((sT * x["dsT"].float()).sum() if use_state_out else 0)
+    loss.backward()
+    y_ref, sT_ref, g_ref = reference(rounded(x, torch.float32), with_state)
+    assert rel_err(y.detach(), y_ref) < 2e-5 and rel_err(sT.detach(), sT_ref) < 2e-5
+    grads = [t.grad for t in leaves] + [s0.grad if with_state else None]
+    for name, g, gr in zip(GRAD_NAMES, grads, g_ref):
+        if gr is None:
+            assert g is None
+        else:
+            assert rel_err(g, gr) < 2e-4, name
+
+
 def test_harness_detects_wrong_inputs(harness) -> None:
     """Guard: the harness comparison fails when an input is swapped (k <-> v)."""
     x = make_inputs(1, 16, 1, 16, seed=3)
@@ -324,13 +390,6 @@ def test_nvcc_compiles_every_element_type(cu_object) -> None:
     assert fwd and all(s == "0" for _, s in fwd), fwd
 
 
-def _cuda_home() -> Path | None:
-    for p in (Path("/usr/local/cuda"), Path(NVCC).resolve().parents[1] if NVCC else None):
-        if p is not None and (p / "include" / "cuda_runtime.h").exists():
-            return p
-    return None
-
-
 @pytest.fixture(scope="module")
 def binding(cu_object, tmp_path_factory):
     """The torch binding compiled with g++ against the torch headers only (no CUDA headers),
@@ -339,7 +398,7 @@ def binding(cu_object, tmp_path_factory):
 
     from torch.utils.cpp_extension import include_paths
 
-    if shutil.which("g++") is None or shutil.which("nm") is None or _cuda_home() is None:
+    if shutil.which("g++") is None or shutil.which("nm") is None or CUDA_HOME is None:
         pytest.skip("needs g++, nm and the CUDA runtime library")
     tmp = tmp_path_factory.mktemp("binding")
     obj, so = tmp / "wkv7_op.o", tmp / "wkv7_test.so"
@@ -349,7 +408,7 @@ def binding(cu_object, tmp_path_factory):
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     torch_lib = Path(torch.__file__).parent / "lib"
-    cudart = _cuda_home() / "lib64"
+    cudart = CUDA_HOME / "lib64"
     cmd = ["g++", "-shared", str(obj), str(cu_object[0]), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
            "-ltorch_python", f"-L{cudart}", "-lcudart", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cudart}", "-o", str(so)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -382,6 +441,7 @@ def test_binding_calls_the_launchers_it_links(binding, cu_object) -> None:
     (lambda ins: ins.__setitem__(slice(None), _cpu_inputs(N=32)), "this build is for head size N = 64, got N = 32"),
     (lambda ins: ins.append(torch.zeros(1, 2, 64, 64, dtype=torch.float64)), "state must be float32"),
     (lambda ins: ins.append(torch.zeros(1, 2, 64, 32)), "state must have shape (B,H,N,N) = (1,2,64,64)"),
+    (lambda ins: ins.append(torch.zeros(2 * 64 * 64 + 1)[1:].view(1, 2, 64, 64)), "state is not 16-byte aligned"),
     (lambda ins: None, "r is on cpu; move r, w, k, v, a, b and the state to the GPU"),
 ])
 def test_binding_rejects_bad_input(binding, change, needle) -> None:
@@ -545,6 +605,21 @@ def test_gpu_unused_outputs_and_split_sequence() -> None:
     y1, s1 = K.wkv7_kernel(*(t[:, :32].contiguous() for t in ins), state=x["s0"].cuda().float())
     y2, s2 = K.wkv7_kernel(*(t[:, 32:].contiguous() for t in ins), state=s1)
     assert rel_err(torch.cat([y1, y2], 1), y_full) < 1e-5 and rel_err(s2, s_full) < 1e-5
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bad_inputs() -> None:
+    ins = [torch.zeros(1, 32, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+    with pytest.raises(ValueError, match="state is on cpu; the kernel needs CUDA/ROCm tensors"):
+        K.wkv7_kernel(*ins, state=torch.zeros(1, 2, 64, 64))
+    with pytest.raises(ValueError, match="T=20 is not a positive multiple of 16"):
+        K.wkv7_kernel(*(t[:, :20].contiguous() for t in ins))
+    module, stream = K.load_kernel(64), torch.cuda.current_stream().cuda_stream
+    with pytest.raises(RuntimeError, match="T = 20 is not a multiple of 16"):
+        module.forward(*(t[:, :20].contiguous() for t in ins), None, stream)
+    with pytest.raises(RuntimeError, match="state is on cpu; move r, w, k, v, a, b and the state to the GPU"):
+        module.forward(*ins, torch.zeros(1, 2, 64, 64), stream)
 
 
 @pytest.mark.gpu

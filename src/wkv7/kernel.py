@@ -63,7 +63,7 @@ def _key_lines(log: str, limit: int = 25) -> str:
     return "\n".join((hits or lines)[-limit:])
 
 
-def _build(head_size: int) -> ModuleType:
+def _build(head_size: int, verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     hip = bool(torch.version.hip)
@@ -83,7 +83,7 @@ def _build(head_size: int) -> ModuleType:
             sources=[str(CUDA_DIR / "wkv7_op.cpp"), str(CUDA_DIR / "wkv7_cuda.cu")],
             extra_cflags=["-O3", *defines],
             extra_cuda_cflags=[*(_HIPCC_FLAGS if hip else _NVCC_FLAGS), *defines],
-            verbose=False,
+            verbose=verbose,
         )
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
         raise RuntimeError(
@@ -92,8 +92,10 @@ def _build(head_size: int) -> ModuleType:
         ) from e
 
 
-def load_kernel(head_size: int) -> ModuleType:
-    """The extension module for `head_size`, built on first use and cached for the process."""
+def load_kernel(head_size: int, verbose: bool = False) -> ModuleType:
+    """The extension module for `head_size`, built on first use and cached for the process.
+
+    verbose=True shows the build (with nvcc's register/spill report from -res-usage)."""
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(
             f"WKV7 kernel: head size {head_size} is not supported (supported: {SUPPORTED_HEAD_SIZES}); "
@@ -105,12 +107,18 @@ def load_kernel(head_size: int) -> ModuleType:
         if head_size in _build_errors:  # do not rebuild a failed build on every call
             raise RuntimeError(_build_errors[head_size])
         try:
-            module = _build(head_size)
+            module = _build(head_size, verbose)
         except RuntimeError as e:
             _build_errors[head_size] = str(e)
             raise
         _modules[head_size] = module
         return module
+
+
+def _state_arg(x: torch.Tensor) -> torch.Tensor:
+    """An fp32 (B,H,N,N) state as the kernel reads it: contiguous and 16-byte aligned (float4)."""
+    x = x.float().contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 def _stream(device: torch.device) -> int:
@@ -137,7 +145,7 @@ class WKV7Kernel(torch.autograd.Function):
         module = load_kernel(r.shape[-1])
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()  # (B,T,H,N)
         if dstate is not None:
-            dstate = dstate.float().contiguous()  # (B,H,N,N)
+            dstate = _state_arg(dstate)  # (B,H,N,N)
         want_ds0 = ctx.has_state and ctx.needs_input_grad[6]
         grads = module.backward(r, w, k, v, a, b, dy, chunks, sa, dstate, want_ds0, _stream(r.device))
         return (*grads[:6], grads[6] if want_ds0 else None)
@@ -216,5 +224,5 @@ def wkv7_kernel(
     """
     _check(r, w, k, v, a, b, state)
     if state is not None:
-        state = state.contiguous()
+        state = _state_arg(state)
     return WKV7Kernel.apply(r, w, k, v, a, b, state)

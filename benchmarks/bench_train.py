@@ -1,0 +1,145 @@
+"""Training speed and memory: tokens/s and peak memory of train.py's training steps, one table.
+
+    python -m benchmarks.bench_train                  # CPU (fp32, bf16), plus the GPU when there is one
+    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, DeepSpeed ZeRO-2, micro batch 16/32/64
+    python -m benchmarks.bench_train --quick          # fewer steps
+
+Model: the default L8-D512 V6400 at ctx 512 (SPEC init), trained the way train.py trains it: the
+Trainer from train.build_trainer (precision plugin, strategy, gradient clipping) and the
+TrainingMonitor (per-step LR, loss reduce across ranks, progress numbers), on random tokens held in
+memory so that reading data costs nothing. Every configuration runs in its own process (a fresh peak
+memory, one DeepSpeed engine per process). Step time = median wall time between consecutive batch
+ends after the warm-up steps (the first steps build the kernel and DeepSpeed's buffers); tokens/s =
+micro_bsz * ctx_len / step time (one device). Peak memory: CUDA max allocated on the GPU, the peak
+resident size of the process on the CPU.
+Target (issue 4): >= 350k tokens/s on one H100 (bf16, DeepSpeed ZeRO-2), twice the ~175k tokens/s
+published for one MI300X. GPU rows use the published DS_BUCKET_MB=2 unless the row says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "_work" / "bench_train"
+TARGET_H100 = 350_000
+
+
+def configs(device: str, quick: bool) -> list[dict[str, Any]]:
+    cpu_steps = (1, 1) if quick else (1, 2)      # (warm-up, measured): a CPU step takes seconds
+    gpu_steps = (3, 10) if quick else (5, 20)
+    out = []
+    if device in ("cpu", "all"):
+        out += [dict(accelerator="cpu", precision=p, strategy="auto", micro_bsz=1, ds_bucket_mb=2,
+                     warmup=cpu_steps[0], steps=cpu_steps[1]) for p in ("fp32", "bf16")]
+    if device in ("cuda", "all"):
+        import torch
+        if torch.cuda.is_available():
+            ds = "deepspeed_stage_2" if importlib.util.find_spec("deepspeed") else "auto"
+            out += [dict(accelerator="gpu", precision="bf16", strategy=ds, micro_bsz=b, ds_bucket_mb=2,
+                         warmup=gpu_steps[0], steps=gpu_steps[1]) for b in (16, 32, 64)]
+            out.append(dict(accelerator="gpu", precision="bf16", strategy="auto", micro_bsz=32, ds_bucket_mb=2,
+                            warmup=gpu_steps[0], steps=gpu_steps[1]))
+        elif device == "cuda":
+            print("no CUDA/ROCm device: nothing to measure with --device cuda")
+    return out
+
+
+def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train warmup + steps steps of L8-D512 under cfg in this process; returns the measured row."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import train
+    from src.trainer import RunPlan, Schedule, TrainingMonitor
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    ctx = 512
+    proj = WORK / f"{cfg['accelerator']}-{cfg['precision']}-{cfg['strategy']}-b{cfg['micro_bsz']}"
+    args = train.parse_args(["--accelerator", cfg["accelerator"], "--precision", cfg["precision"],
+                             "--strategy", cfg["strategy"], "--micro_bsz", str(cfg["micro_bsz"]),
+                             "--ds_bucket_mb", str(cfg["ds_bucket_mb"]), "--ctx_len", str(ctx),
+                             "--proj_dir", str(proj), "--enable_progress_bar", "False"])
+    train.check_machine(args)
+    n_steps = cfg["warmup"] + cfg["steps"]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (n_steps * args.micro_bsz, ctx + 1), generator=gen)
+    data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=args.micro_bsz)
+    model = train.build_model(args)
+    # No mini-epoch ends within the run: no checkpoints, no files beyond the log header.
+    plan = RunPlan(proj_dir=proj, ctx_len=ctx, real_bsz=args.micro_bsz, world_size=1, epoch_steps=10 ** 9,
+                   start_step=0, total_steps=10 ** 9, epoch_save=0)
+    schedule = Schedule(args.lr_init, args.lr_final, args.warmup_steps, plan.tokens_per_step, 10 ** 12)
+    timer = StepTimer()
+    trainer = train.build_trainer(args, n_steps, [TrainingMonitor(plan, schedule, header=["bench_train"]), timer])
+    trainer.fit(model, train_dataloaders=data)
+    step_s = statistics.median(b - a for a, b in zip(timer.ends[cfg["warmup"] - 1:], timer.ends[cfg["warmup"]:]))
+    if cfg["accelerator"] == "gpu":
+        peak, device = torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.get_device_name()
+    else:
+        peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, f"cpu x{torch.get_num_threads()}"
+    return {**cfg, "device": device, "step_ms": step_s * 1e3, "tok_s": args.micro_bsz * ctx / step_s,
+            "peak_gib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) in this process
+    opts = ap.parse_args()
+    if opts.one:
+        print("RESULT " + json.dumps(run_one(json.loads(opts.one))), flush=True)
+        return
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cfg in configs(opts.device, opts.quick):
+        print(f"... {cfg}", flush=True)
+        r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(cfg)], cwd=REPO,
+                           capture_output=True, text=True)
+        found = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+        if r.returncode or not found:
+            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({**cfg, "device": cfg["accelerator"], "error": tail[:90]})
+        else:
+            rows.append(json.loads(found[0]))
+
+    print("\nL8-D512 V6400 ctx 512, one device; median step after warm-up")
+    print(f"| {'device':<24} | {'precision':<9} | {'strategy':<18} | {'micro_bsz':>9} | {'step ms':>9} | "
+          f"{'tokens/s':>10} | {'peak GiB':>8} | note")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['device']:<24} | {r['precision']:<9} | {r['strategy']:<18} | {r['micro_bsz']:>9} | "
+                  f"{'-':>9} | {'-':>10} | {'-':>8} | FAILED: {r['error']}")
+            continue
+        note = ""
+        if "H100" in r["device"]:
+            note = f"target >= {TARGET_H100 / 1e3:.0f}k: {'met' if r['tok_s'] >= TARGET_H100 else 'NOT met'}"
+        print(f"| {r['device'][:24]:<24} | {r['precision']:<9} | {r['strategy']:<18} | {r['micro_bsz']:>9} | "
+              f"{r['step_ms']:>9.1f} | {r['tok_s']:>10,.0f} | {r['peak_gib']:>8.2f} | {note}")
+
+
+if __name__ == "__main__":
+    main()

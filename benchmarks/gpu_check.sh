@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One-GPU check: build the WKV7 kernel, run the GPU tests and the GPU benchmarks, print a summary.
+#
+#   bash benchmarks/gpu_check.sh            # logs under benchmarks/_work/gpu (or $OUT)
+#
+# Each step runs under its own time limit and its log is kept; a failed step does not stop the
+# later ones, the summary at the end says which failed, and the script exits non-zero if any did.
+# Wheels carried in .whl/ (if any) are installed into a private target first.
+set -euo pipefail
+
+# ---- settings (override from the environment) --------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+OUT_DIR="${OUT:-benchmarks/_work/gpu}"              # logs and the summary
+WHEEL_DIR="${WHEEL_DIR:-.whl}"                     # carried wheels, installed when present
+WHEEL_SITE="${WHEEL_SITE:-${TMPDIR:-/tmp}/wkv7_site}"
+HEAD_SIZE="${HEAD_SIZE:-64}"                       # kernel head size to build
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-150}"              # seconds per step (all three: < 6 min)
+TEST_TIMEOUT="${TEST_TIMEOUT:-100}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
+PYTEST_ARGS="${PYTEST_ARGS:--m gpu tests/ -q}"
+BENCH_ARGS="${BENCH_ARGS:---device cuda}"
+# -------------------------------------------------------------------------------------------------
+
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT_DIR"
+SUMMARY=()
+FAILED=0
+
+# step NAME TIMEOUT CMD...: run CMD with a time limit, log to $OUT_DIR/NAME.log (and the terminal),
+# record status and seconds for the summary.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    local log="$OUT_DIR/$name.log" start end rc
+    echo "==== $name: $*"
+    start=$(date +%s)
+    set +e
+    timeout "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    end=$(date +%s)
+    local status="ok"
+    if [ "$rc" -eq 124 ]; then status="TIMEOUT(${limit}s)"; elif [ "$rc" -ne 0 ]; then status="FAILED(rc=$rc)"; fi
+    [ "$status" = "ok" ] || FAILED=1
+    SUMMARY+=("$(printf '| %-14s | %-14s | %6ss | %s' "$name" "$status" "$((end - start))" "$log")")
+}
+
+if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
+    step wheels 300 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$WHEEL_SITE" "$WHEEL_DIR"/*.whl
+    export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    if command -v nvidia-smi > /dev/null; then nvidia-smi || true; elif command -v rocm-smi > /dev/null; then rocm-smi || true; fi
+    if command -v nvcc > /dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not on PATH"; fi
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'hip', torch.version.hip, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')" || true
+} 2>&1 | tee "$OUT_DIR/device.log"
+
+step kernel_build "$BUILD_TIMEOUT" "$PYTHON" -c "
+import time
+from src.wkv7.kernel import load_kernel
+t0 = time.perf_counter()
+load_kernel($HEAD_SIZE, verbose=True)  # shows nvcc's register/spill report
+print(f'wkv7 kernel N=$HEAD_SIZE built and loaded in {time.perf_counter() - t0:.1f} s')
+"
+# shellcheck disable=SC2086  # the argument strings are meant to split
+step gpu_tests "$TEST_TIMEOUT" "$PYTHON" -m pytest $PYTEST_ARGS
+# shellcheck disable=SC2086
+step bench_wkv7 "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.bench_wkv7 $BENCH_ARGS
+
+{
+    echo
+    echo "==== summary ($(head -n 40 "$OUT_DIR/device.log" | grep -m1 -oE 'NVIDIA [A-Za-z0-9 -]+|AMD [A-Za-z0-9 -]+' || echo 'device unknown'))"
+    echo "| step           | status         |    time | log"
+    printf '%s\n' "${SUMMARY[@]}"
+    grep -h "built and loaded" "$OUT_DIR/kernel_build.log" 2>/dev/null || true
+    grep -hE "[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/gpu_tests.log" 2>/dev/null | tail -n 1 || true
+    grep -hE "^\| (device|cuda) " "$OUT_DIR/bench_wkv7.log" 2>/dev/null || true
+} | tee "$OUT_DIR/summary.txt"
+exit "$FAILED"

@@ -1,0 +1,98 @@
+"""Two CPU processes (DDP over gloo) launched by Lightning from train.py's own code path.
+
+The test runs this file as a program (`python -m tests.test_train_ddp RECORD_DIR TRAIN_FLAGS...`);
+Lightning starts the second rank by running the same command again. Each rank records the batches it
+trained on, and the test checks them against SPEC's sampler written out independently here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+
+import train
+from tests.test_train_run import CTX, MICRO_BSZ, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
+from src.trainer import read_train_log
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_STEPS, EPOCH_COUNT = 4, 3
+
+
+class RankRecorder(pl.Callback):
+    """Writes RECORD_DIR/rank<R>.json: every batch's x and loss, the world size and a weight checksum."""
+
+    def __init__(self, out: Path):
+        self.out, self.rows = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append({"x": batch[0].tolist(), "loss": float(outputs["loss"])})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {"rank": trainer.global_rank, "world": trainer.world_size, "rows": self.rows,
+                  "head_sum": float(pl_module.head.weight.double().sum())}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def expected_start(p: int, step: int, m: int, rank: int, world: int) -> int:
+    """SPEC section 3: item i = step * micro_bsz + m of `rank`; mini-epoch and index from the per-rank count."""
+    samples_per_epoch = EPOCH_STEPS * MICRO_BSZ * world
+    per_rank = samples_per_epoch // world
+    i = step * MICRO_BSZ + m
+    e, idx = i // per_rank, i % per_rank
+    ii = 1 + e * samples_per_epoch + idx * world + rank
+    factor = int(p * (math.sqrt(5) - 1) / 2)
+    return (factor * ii ** 3 % p) * CTX
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_see_disjoint_samples_and_stop_together(tmp_path: Path) -> None:
+    data, proj, rec = tmp_path / "prog", tmp_path / "proj", tmp_path / "rec"
+    rec.mkdir()
+    n = write_progressions(data, seed=11)
+    p = largest_magic_prime(n, CTX)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    flags = tiny_flags(data, n, proj, devices=2, strategy="ddp", epoch_steps=EPOCH_STEPS, epoch_count=EPOCH_COUNT)
+    r = subprocess.run([sys.executable, "-m", "tests.test_train_ddp", str(rec), *flags], cwd=REPO,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "MASTER_PORT": str(20000 + os.getpid() % 20000)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    ranks = [json.loads((rec / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [(d["rank"], d["world"]) for d in ranks] == [(0, 2), (1, 2)]
+    steps = EPOCH_STEPS * EPOCH_COUNT
+    assert [len(d["rows"]) for d in ranks] == [steps, steps]             # both stopped at the same step
+    tokens = np.fromfile(f"{data}.bin", dtype=np.uint16)
+    starts: list[list[int]] = [[], []]
+    for d in ranks:
+        for s, row in enumerate(d["rows"]):
+            for m, x in enumerate(row["x"]):
+                start = expected_start(p, s, m, d["rank"], 2)
+                assert x == tokens[start:start + CTX].tolist(), (d["rank"], s, m)
+                starts[d["rank"]].append(start)
+    assert not set(starts[0]) & set(starts[1])                                   # disjoint
+    assert len(set(starts[0]) | set(starts[1])) == 2 * steps * MICRO_BSZ        # no window twice in the run
+    assert ranks[0]["head_sum"] == ranks[1]["head_sum"]                    # gradients were averaged
+
+    # rank 0 alone writes the log: one line per mini-epoch, its loss the mean over steps and ranks
+    rows = read_train_log(proj / "train_log.txt")
+    assert [int(x["epoch"]) for x in rows] == list(range(EPOCH_COUNT))
+    for e, row in enumerate(rows):
+        span = slice(e * EPOCH_STEPS, (e + 1) * EPOCH_STEPS)
+        both = [(a["loss"] + b["loss"]) / 2 for a, b in zip(ranks[0]["rows"][span], ranks[1]["rows"][span])]
+        assert row["loss"] == pytest.approx(sum(both) / len(both), abs=2e-6)
+        assert row["tokens"] == (e + 1) * EPOCH_STEPS * 2 * MICRO_BSZ * CTX
+    assert (proj / "rwkv-final.pth").is_file() and (proj / f"rwkv-{EPOCH_COUNT - 1}.state.pth").is_file()
+    assert (proj / "train_log.txt").read_text().count("# run ") == 1
+
+
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[2:], callbacks=[RankRecorder(Path(sys.argv[1]))]))

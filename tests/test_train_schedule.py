@@ -1,0 +1,134 @@
+"""src/trainer.py pieces on their own: LR schedule values, checkpoint discovery, atomic saves, spikes, plot."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.trainer import (RunPlan, Schedule, TrainingMonitor, find_resume_checkpoint, load_resume_state,
+                         plot_train_log, read_train_log, save_atomic, state_path)
+
+
+def schedule(**over: float) -> Schedule:
+    kw = dict(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, tokens_per_step=1000, exit_tokens=110_000)
+    kw.update(over)
+    return Schedule(**kw)
+
+
+def test_schedule_at_known_points() -> None:
+    s = schedule()
+    # warmup: 0.01 + 0.99 * k / 10 of the cosine value, which is still lr_init (progress 0 until warmup ends)
+    assert s.lr(0, 0) == pytest.approx(1e-5, rel=1e-12)
+    assert s.lr(5, 5) == pytest.approx(1e-3 * 0.505, rel=1e-12)
+    assert s.lr(10, 10) == pytest.approx(1e-3, rel=1e-12)
+    # cosine in tokens over (110000 - 10000): half way the mean of the two rates, at the end lr_final
+    assert s.lr(60, 60) == pytest.approx(5.5e-4, rel=1e-12)
+    assert s.lr(35, 35) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    assert s.lr(110, 110) == pytest.approx(1e-4, rel=1e-12)
+    assert s.lr(500, 500) == pytest.approx(1e-4, rel=1e-12)           # clipped past the end
+    # the warmup follows the optimizer's own steps: a weights-only restart at step 60 warms up again
+    assert s.lr(60, 0) == pytest.approx(5.5e-4 * 0.01, rel=1e-12)
+    assert s.lr(60, 9) == pytest.approx(5.5e-4 * (0.01 + 0.99 * 0.9), rel=1e-12)
+
+
+def test_schedule_edge_cases() -> None:
+    assert schedule(lr_final=1e-3).lr(77, 77) == pytest.approx(1e-3, rel=1e-12)      # constant
+    assert schedule(warmup_steps=0).lr(0, 0) == pytest.approx(1e-3, rel=1e-12)        # no warmup
+    assert schedule(lr_final=0.0).lr(110, 110) == 0.0
+    # a run shorter than its warmup sits at lr_final (times the warmup factor)
+    assert schedule(exit_tokens=5000).lr(3, 3) == pytest.approx(1e-4 * (0.01 + 0.99 * 0.3), rel=1e-12)
+
+
+def test_find_resume_checkpoint_picks_the_highest_number(tmp_path: Path) -> None:
+    assert find_resume_checkpoint(tmp_path / "missing") == (None, -1)
+    assert find_resume_checkpoint(tmp_path) == (None, -1)
+    (tmp_path / "rwkv-init.pth").write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "rwkv-init.pth", -1)
+    for name in ("rwkv-2.pth", "rwkv-10.pth", "rwkv-9.pth", "rwkv-final.pth", "rwkv-11.state.pth",
+                 ".rwkv-12.pth.tmp4242", "rwkv-13.pth.bak", "rwkv-x.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "rwkv-10.pth", 10)   # numeric, not 9 > 10 as text
+
+
+def test_save_atomic_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "rwkv-3.pth"
+    save_atomic({"a": torch.arange(3)}, path)
+    with pytest.raises(Exception):
+        save_atomic({"a": lambda: 0}, path)           # cannot be pickled: fails half way
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rwkv-3.pth"]
+
+
+def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=32, real_bsz=4, world_size=1, epoch_steps=5, start_step=10, total_steps=50,
+                   epoch_save=1)
+    weights = tmp_path / "rwkv-1.pth"
+    assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth not found")
+    state = {"format": 1, "step": 10, "warm_step": 10, "plan": plan.resume_key(), "world_size": 2,
+             "optimizer": {}, "deepspeed_dir": None}
+    save_atomic(state, state_path(weights))
+    assert load_resume_state(weights, plan)[0] == state
+    save_atomic({**state, "plan": {**plan.resume_key(), "real_bsz": 8}}, state_path(weights))
+    got, why = load_resume_state(weights, plan)
+    assert got is None and "'real_bsz': 8" in why and "'real_bsz': 4" in why
+    save_atomic({**state, "step": 15}, state_path(weights))
+    assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth is at step 15, rwkv-1.pth ends at step 10")
+    # DeepSpeed's shards belong to their world size (a torch optimizer's state above did not care: 2 vs 1)
+    save_atomic({**state, "deepspeed_dir": "rwkv-1.ds"}, state_path(weights))
+    assert load_resume_state(weights, plan) == (None, "its DeepSpeed folder rwkv-1.ds is missing")
+    (tmp_path / "rwkv-1.ds").mkdir()
+    assert load_resume_state(weights, plan) == (
+        None, "its DeepSpeed optimizer shards come from 2 processes, this run has 1")
+
+
+class _StubModule:
+    """Stands in for the LightningModule in TrainingMonitor._track (which only logs to the progress bar)."""
+
+    def __init__(self) -> None:
+        self.logged: dict = {}
+
+    def log_dict(self, values: dict, **kwargs: object) -> None:
+        self.logged = values
+
+
+def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=1000, start_step=0, total_steps=10_000,
+                   epoch_save=1)
+    monitor = TrainingMonitor(plan, schedule(), header=[])
+    module = _StubModule()
+    gen = torch.Generator().manual_seed(0)
+    losses = (2.0 + 0.2 * torch.rand(150, generator=gen)).tolist() + [5.0, 2.1, 2.05]
+    with pytest.warns(UserWarning) as caught:
+        for loss in losses:
+            monitor.step += 1
+            monitor.run_steps += 1
+            monitor._track(None, module, loss)
+    spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
+    ema = losses[0]
+    for loss in losses[1:150]:
+        ema = 0.99 * ema + 0.01 * loss      # the running mean: ~100 steps
+    assert spikes == [f"loss spike at step 151: 5.0000 vs running mean {ema:.4f} (lr 0.000e+00)"]
+    assert monitor.epoch.spikes == 1 and monitor.epoch.steps == len(losses)
+    assert module.logged["loss"] == pytest.approx(sum(losses) / len(losses))
+
+
+def test_loss_curve_svg(tmp_path: Path) -> None:
+    log = tmp_path / "train_log.txt"
+    log.write_text("# run header\n#   lr_init = 0.001\n"
+                   "epoch 0 loss 4.000000 ppl 54.5982 lr 1e-03 time 2026-01-01T00:00:00+00:00 elapsed 1.0 steps 10 "
+                   "tokens 1000 kt/s 1.00 spikes 0\n"
+                   "epoch 1 loss 3.000000 ppl 20.0855 lr 9e-04 time 2026-01-01T00:00:01+00:00 elapsed 1.0 steps 20 "
+                   "tokens 2000 kt/s 1.00 spikes 0\n"
+                   "epoch 2 loss 2.500000 ppl 12.1825 lr 5e-04 time 2026-01-01T00:00:02+00:00 elapsed 1.0 steps 25 "
+                   "tokens 2500 kt/s 1.00 spikes 0 partial 1\n")
+    rows = read_train_log(log)
+    assert [r["loss"] for r in rows] == [4.0, 3.0, 2.5] and rows[2]["partial"] == 1.0
+    svg = plot_train_log(log).read_text()
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', svg).group(1).split()]
+    assert len(points) == 3
+    xs, ys = zip(*points)
+    assert xs[0] < xs[1] < xs[2] and ys[0] < ys[1] < ys[2]   # later = right, lower loss = further down
+    assert "2500 tokens" in svg and "4.000" in svg and "2.500" in svg
