@@ -15,13 +15,21 @@ WHEEL_DIR="${WHEEL_DIR:-.whl}"                     # carried wheels, installed w
 WHEEL_SITE="${WHEEL_SITE:-${TMPDIR:-/tmp}/wkv7_site}"
 HEAD_SIZE="${HEAD_SIZE:-64}"                       # kernel head size to build
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-150}"              # seconds per step (all three: < 6 min)
-TEST_TIMEOUT="${TEST_TIMEOUT:-100}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
+TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-150}"
+CHAT_TIMEOUT="${CHAT_TIMEOUT:-60}"
 PYTEST_ARGS="${PYTEST_ARGS:--m gpu tests/ -q}"
 BENCH_ARGS="${BENCH_ARGS:---device cuda}"
 # -------------------------------------------------------------------------------------------------
 
 cd "$(dirname "$0")/.."
+# DeepSpeed 0.19's op builder cannot parse arch names like "9.0a" (ValueError: invalid literal for
+# int() with base 10: '0a') when it JIT-builds FusedAdam; name the card's plain capability instead.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+    export TORCH_CUDA_ARCH_LIST
+fi
 mkdir -p "$OUT_DIR"
 SUMMARY=()
 FAILED=0
@@ -68,6 +76,8 @@ print(f'wkv7 kernel N=$HEAD_SIZE built and loaded in {time.perf_counter() - t0:.
 step gpu_tests "$TEST_TIMEOUT" "$PYTHON" -m pytest $PYTEST_ARGS
 # shellcheck disable=SC2086
 step bench_wkv7 "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.bench_wkv7 $BENCH_ARGS
+step bench_train "$TRAIN_TIMEOUT" "$PYTHON" -m benchmarks.bench_train --device cuda
+step bench_chat "$CHAT_TIMEOUT" "$PYTHON" -m benchmarks.bench_chat --device cuda --quick --no_pip
 
 {
     echo
@@ -77,5 +87,7 @@ step bench_wkv7 "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.bench_wkv7 $BENCH_ARGS
     grep -h "built and loaded" "$OUT_DIR/kernel_build.log" 2>/dev/null || true
     grep -hE "[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/gpu_tests.log" 2>/dev/null | tail -n 1 || true
     grep -hE "^\| (device|cuda) " "$OUT_DIR/bench_wkv7.log" 2>/dev/null || true
+    grep -hE "^\|" "$OUT_DIR/bench_train.log" 2>/dev/null | tail -n 8 || true
+    grep -hE "^\|" "$OUT_DIR/bench_chat.log" 2>/dev/null | tail -n 6 || true
 } | tee "$OUT_DIR/summary.txt"
 exit "$FAILED"

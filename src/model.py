@@ -372,7 +372,12 @@ class RWKV(pl.LightningModule):
         kwargs = dict(lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
         on_gpu = self.device.type == "cuda"
         if on_gpu and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            zero = self.trainer.strategy.config.get("zero_optimization", {})
+            if "offload_optimizer" in zero:  # optimizer steps on the CPU: DeepSpeed requires its CPU Adam
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+                return DeepSpeedCPUAdam(groups, bias_correction=True, adamw_mode=True, amsgrad=False, **kwargs)
             from deepspeed.ops.adam import FusedAdam  # GPU-only import, DeepSpeed's fused multi-tensor Adam
             return FusedAdam(groups, bias_correction=True, adam_w_mode=True, amsgrad=False, **kwargs)
         # Decoupled decay (AdamW) as DeepSpeed's adam_w_mode; groups without decay behave as Adam.
-        return torch.optim.AdamW(groups, fused=on_gpu, **kwargs)
+        # Not fused: Lightning clips gradients itself, which fused AdamW (it unscales internally) refuses.
+        return torch.optim.AdamW(groups, foreach=on_gpu, **kwargs)
