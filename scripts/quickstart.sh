@@ -19,9 +19,10 @@ SFT_LR="${SFT_LR:-1e-3}"
 EPOCH_STEPS="${EPOCH_STEPS:-50}"            # small mini-epochs: a log line and checkpoint every 50 steps
 THREADS="${THREADS:-$(nproc)}"
 PROMPT="${PROMPT:-Reverse these words: cat moon tree}"
+SKIP_SETUP="${SKIP_SETUP:-0}"               # 1: use $VENV_DIR as it is (tests)
 
 export OMP_NUM_THREADS="$THREADS"
-bash scripts/setup_env.sh
+if [ "$SKIP_SETUP" != 1 ]; then VENV_DIR="$VENV_DIR" bash scripts/setup_env.sh; fi
 PY="$VENV_DIR/bin/python"
 mkdir -p "$OUT_DIR"
 
