@@ -30,9 +30,8 @@ RANDOM_SEED="${RANDOM_SEED:--1}"
 ACCELERATOR="${ACCELERATOR:-cpu}"
 PRECISION="${PRECISION:-bf16}"
 STRATEGY="${STRATEGY:-deepspeed_stage_2}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+# PYTHON, and ACCELERATOR/PRECISION/STRATEGY when unset: one shared rule for the demo scripts.
+source scripts/machine_defaults.sh
 
 "$PYTHON" train.py --train_stage 1 --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
   --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" --vocab_size "$VOCAB_SIZE" \

@@ -38,23 +38,8 @@ SFT_WHOLE_SEQ="${SFT_WHOLE_SEQ:-0}"     # 1: loss on every token, not only the r
 LOAD_MODEL="${LOAD_MODEL:-${PRETRAIN_DIR}/rwkv-final.pth}"
 WANDB="${WANDB:-}"                   # a wandb project name to log there
 RANDOM_SEED="${RANDOM_SEED:--1}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ -z "${ACCELERATOR:-}" ]; then
-  if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    ACCELERATOR=gpu
-  else
-    ACCELERATOR=cpu
-  fi
-fi
-if [ "$ACCELERATOR" = cpu ]; then
-  PRECISION="${PRECISION:-fp32}"
-  STRATEGY="${STRATEGY:-auto}"
-else
-  PRECISION="${PRECISION:-bf16}"
-  STRATEGY="${STRATEGY:-deepspeed_stage_2}"
-fi
+# PYTHON, and ACCELERATOR/PRECISION/STRATEGY when unset: one shared rule for the demo scripts.
+source scripts/machine_defaults.sh
 
 "$PYTHON" train.py --train_stage 3 --proj_dir "$PROJ_DIR" --load_model "$LOAD_MODEL" --wandb "$WANDB" \
   --my_testing "$MODEL_TYPE" --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" \
