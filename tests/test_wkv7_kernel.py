@@ -526,6 +526,28 @@ def test_no_kernel_on_cpu() -> None:
         K.load_kernel(48)
 
 
+def test_toolchain_is_probed_once_per_process(monkeypatch) -> None:
+    """The dispatcher asks kernel_applicable for every layer of every step; the toolchain probe
+    (a `ninja --version` subprocess) must run once, not per call (it cost ~1.5 ms a layer)."""
+    from torch.utils import cpp_extension
+
+    probes = []
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: probes.append(1) or True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
+    monkeypatch.setattr(cpp_extension, "ROCM_HOME", "/opt/rocm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    K._toolchain_present.cache_clear()
+    try:
+        r = torch.empty(1, 32, 2, 64, device="meta")
+        assert not K.kernel_applicable(r)        # a meta tensor is not on a GPU: no probe
+        assert probes == []
+        for _ in range(50):
+            assert K.kernel_available("cuda:0")
+        assert probes == [1]
+    finally:
+        K._toolchain_present.cache_clear()       # later tests see the real toolchain again
+
+
 @pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="torch has a GPU toolkit")
 def test_build_without_toolkit_says_how_to_fall_back() -> None:
     with pytest.raises(RuntimeError) as e:

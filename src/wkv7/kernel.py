@@ -19,6 +19,7 @@ Public:
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import threading
 from pathlib import Path
@@ -44,15 +45,22 @@ _build_errors: dict[int, str] = {}
 _lock = threading.Lock()
 
 
+@functools.cache
+def _toolchain_present() -> bool:
+    """nvcc/hipcc and ninja are there. Asked once per process: is_ninja_available() starts a
+    `ninja --version` subprocess, and the dispatcher asks for every layer of every step."""
+    from torch.utils import cpp_extension  # heavy import, only when a GPU is there
+
+    home = cpp_extension.ROCM_HOME if torch.version.hip else cpp_extension.CUDA_HOME
+    return home is not None and cpp_extension.is_ninja_available()
+
+
 def kernel_available(device: torch.device | str) -> bool:
     """True when `device` is a CUDA/ROCm GPU and the toolchain to build the kernel is present."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    from torch.utils import cpp_extension  # heavy import, only when a GPU is there
-
-    home = cpp_extension.ROCM_HOME if torch.version.hip else cpp_extension.CUDA_HOME
-    return home is not None and cpp_extension.is_ninja_available()
+    return _toolchain_present()
 
 
 def _key_lines(log: str, limit: int = 25) -> str:
