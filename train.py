@@ -21,8 +21,10 @@ Where a stage 2/3 run starts, in this order:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import shlex
+import shutil
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -108,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--head_size", type=int, default=64, help="WKV head size N (heads = n_embd / head_size)")
     a("--grad_cp", type=int, default=0, choices=(0, 1), help="1: gradient checkpointing (less memory, slower)")
     a("--wkv_impl", default="auto", choices=("auto", "cuda", "torch"), help="WKV7 implementation (src/wkv7)")
+    a("--compile", type=int, default=0, choices=(0, 1),
+      help="1: torch.compile each block (fused elementwise ops; the first step compiles, ~2 min on 2 CPU cores)")
     # optimizer and schedule
     a("--lr_init", type=float, default=6e-4, help="learning rate after warmup (att.w0 gets 2x)")
     a("--lr_final", type=float, default=2e-5, help="learning rate at --my_exit_tokens (cosine in tokens)")
@@ -168,6 +172,14 @@ def check_machine(args: argparse.Namespace) -> None:
     if args.accelerator == "gpu" and args.wkv_impl != "torch" and args.ctx_len % 16:
         raise TrainingError(f"--ctx_len {args.ctx_len} is not a multiple of 16, which the WKV7 GPU kernel "
                             "needs (it keeps the state every 16 steps): use e.g. 512, or --wkv_impl torch (slow)")
+    if args.compile:
+        # torch.compile generates C++ (CPU) or Triton (GPU) code: say so now, not after the data is loaded.
+        if args.accelerator == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+            raise TrainingError("--compile 1 on CPU needs a C++ compiler (c++/g++ on PATH): install one "
+                                "(e.g. apt-get install g++) or use --compile 0")
+        if args.accelerator == "gpu" and importlib.util.find_spec("triton") is None:
+            raise TrainingError("--compile 1 on a GPU needs triton (it ships with the CUDA/ROCm torch wheels): "
+                                "pip install triton, or use --compile 0")
     if args.ds_bucket_mb <= 0:
         raise TrainingError(f"--ds_bucket_mb must be > 0, got {args.ds_bucket_mb}")
 

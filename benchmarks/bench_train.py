@@ -1,7 +1,7 @@
 """Training speed and memory: tokens/s and peak memory of train.py's training steps, one table.
 
-    python -m benchmarks.bench_train                  # CPU (fp32, bf16), plus the GPU when there is one
-    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, DeepSpeed ZeRO-2, micro batch 16/32/64
+    python -m benchmarks.bench_train                  # CPU (fp32, bf16; eager and --compile 1), plus the GPU
+    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, DeepSpeed ZeRO-2 micro 16/32/64, compile
     python -m benchmarks.bench_train --quick          # fewer steps
 
 Model: the default L8-D512 V6400 at ctx 512 (SPEC init), trained the way train.py trains it: the
@@ -9,7 +9,8 @@ Trainer from train.build_trainer (precision plugin, strategy, gradient clipping)
 TrainingMonitor (per-step LR, loss reduce across ranks, progress numbers), on random tokens held in
 memory so that reading data costs nothing. Every configuration runs in its own process (a fresh peak
 memory, one DeepSpeed engine per process). Step time = median wall time between consecutive batch
-ends after the warm-up steps (the first steps build the kernel and DeepSpeed's buffers); tokens/s =
+ends after the warm-up steps (the first steps build the kernel and DeepSpeed's buffers, and with
+--compile 1 compile the blocks); tokens/s =
 micro_bsz * ctx_len / step time (one device). Peak memory: CUDA max allocated on the GPU, the peak
 resident size of the process on the CPU.
 Target (issue 4): >= 350k tokens/s on one H100 (bf16, DeepSpeed ZeRO-2), twice the ~175k tokens/s
@@ -38,16 +39,16 @@ def configs(device: str, quick: bool) -> list[dict[str, Any]]:
     gpu_steps = (3, 10) if quick else (5, 20)
     out = []
     if device in ("cpu", "all"):
-        out += [dict(accelerator="cpu", precision=p, strategy="auto", micro_bsz=1, ds_bucket_mb=2,
-                     warmup=cpu_steps[0], steps=cpu_steps[1]) for p in ("fp32", "bf16")]
+        out += [dict(accelerator="cpu", precision=p, strategy="auto", micro_bsz=4, ds_bucket_mb=2, compile=c,
+                     warmup=cpu_steps[0], steps=cpu_steps[1]) for p in ("fp32", "bf16") for c in (0, 1)]
     if device in ("cuda", "all"):
         import torch
         if torch.cuda.is_available():
             ds = "deepspeed_stage_2" if importlib.util.find_spec("deepspeed") else "auto"
-            out += [dict(accelerator="gpu", precision="bf16", strategy=ds, micro_bsz=b, ds_bucket_mb=2,
-                         warmup=gpu_steps[0], steps=gpu_steps[1]) for b in (16, 32, 64)]
-            out.append(dict(accelerator="gpu", precision="bf16", strategy="auto", micro_bsz=32, ds_bucket_mb=2,
-                            warmup=gpu_steps[0], steps=gpu_steps[1]))
+            gpu = dict(accelerator="gpu", precision="bf16", warmup=gpu_steps[0], steps=gpu_steps[1])
+            out += [dict(gpu, strategy=ds, micro_bsz=b, ds_bucket_mb=2, compile=0) for b in (16, 32, 64)]
+            out += [dict(gpu, strategy=ds, micro_bsz=64, ds_bucket_mb=200, compile=c) for c in (0, 1)]
+            out += [dict(gpu, strategy="auto", micro_bsz=32, ds_bucket_mb=2, compile=c) for c in (0, 1)]
         elif device == "cuda":
             print("no CUDA/ROCm device: nothing to measure with --device cuda")
     return out
@@ -79,7 +80,8 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     proj = WORK / f"{cfg['accelerator']}-{cfg['precision']}-{cfg['strategy']}-b{cfg['micro_bsz']}"
     args = train.parse_args(["--accelerator", cfg["accelerator"], "--precision", cfg["precision"],
                              "--strategy", cfg["strategy"], "--micro_bsz", str(cfg["micro_bsz"]),
-                             "--ds_bucket_mb", str(cfg["ds_bucket_mb"]), "--ctx_len", str(ctx),
+                             "--ds_bucket_mb", str(cfg["ds_bucket_mb"]), "--compile", str(cfg["compile"]),
+                             "--ctx_len", str(ctx),
                              "--proj_dir", str(proj), "--enable_progress_bar", "False"])
     train.check_machine(args)
     n_steps = cfg["warmup"] + cfg["steps"]
@@ -127,18 +129,25 @@ def main() -> None:
             rows.append(json.loads(found[0]))
 
     print("\nL8-D512 V6400 ctx 512, one device; median step after warm-up")
-    print(f"| {'device':<24} | {'precision':<9} | {'strategy':<18} | {'micro_bsz':>9} | {'step ms':>9} | "
-          f"{'tokens/s':>10} | {'peak GiB':>8} | note")
+    print(f"| {'device':<24} | {'precision':<9} | {'strategy':<18} | {'bucket MB':>9} | {'compile':>7} | "
+          f"{'micro_bsz':>9} | {'step ms':>9} | {'tokens/s':>10} | {'peak GiB':>8} | note")
+    base = {}   # (device, precision, strategy, bucket, micro_bsz) -> tokens/s without compile
     for r in rows:
+        head = (f"| {r['device'][:24]:<24} | {r['precision']:<9} | {r['strategy']:<18} | "
+                f"{r['ds_bucket_mb'] if r['strategy'].startswith('deepspeed') else '-':>9} | {r['compile']:>7} | "
+                f"{r['micro_bsz']:>9} | ")
         if "error" in r:
-            print(f"| {r['device']:<24} | {r['precision']:<9} | {r['strategy']:<18} | {r['micro_bsz']:>9} | "
-                  f"{'-':>9} | {'-':>10} | {'-':>8} | FAILED: {r['error']}")
+            print(head + f"{'-':>9} | {'-':>10} | {'-':>8} | FAILED: {r['error']}")
             continue
-        note = ""
+        key = (r["device"], r["precision"], r["strategy"], r["ds_bucket_mb"], r["micro_bsz"])
+        notes = []
+        if r["compile"] and key in base:
+            notes.append(f"{r['tok_s'] / base[key]:.2f}x eager")
+        elif not r["compile"]:
+            base[key] = r["tok_s"]
         if "H100" in r["device"]:
-            note = f"target >= {TARGET_H100 / 1e3:.0f}k: {'met' if r['tok_s'] >= TARGET_H100 else 'NOT met'}"
-        print(f"| {r['device'][:24]:<24} | {r['precision']:<9} | {r['strategy']:<18} | {r['micro_bsz']:>9} | "
-              f"{r['step_ms']:>9.1f} | {r['tok_s']:>10,.0f} | {r['peak_gib']:>8.2f} | {note}")
+            notes.append(f"target >= {TARGET_H100 / 1e3:.0f}k: {'met' if r['tok_s'] >= TARGET_H100 else 'NOT met'}")
+        print(head + f"{r['step_ms']:>9.1f} | {r['tok_s']:>10,.0f} | {r['peak_gib']:>8.2f} | {'; '.join(notes)}")
 
 
 if __name__ == "__main__":

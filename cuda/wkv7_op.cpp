@@ -1,17 +1,21 @@
-// Torch binding of the WKV7 kernels in wkv7_cuda.cu: a pybind11 module with forward/backward.
+// Torch binding of the WKV7 kernels in wkv7_cuda.cu: operators registered with the dispatcher.
 //
-// The module is built by torch.utils.cpp_extension.load under TORCH_EXTENSION_NAME and Python
-// calls the functions of the module object that load() returns. On ROCm, load() hipifies
-// wkv7_cuda.cu and builds this same file against the HIP objects, so the module Python holds IS
-// the HIP build; there is no op registry name to get wrong (the original project registered a
-// "_hip" op and then looked up the CUDA op name, which broke on ROCm).
+// torch.utils.cpp_extension.load(..., is_python_module=False) builds this file with wkv7_cuda.cu
+// under TORCH_EXTENSION_NAME (e.g. wkv7_n64_c16) and loads the library; TORCH_LIBRARY below then
+// registers torch.ops.<TORCH_EXTENSION_NAME>.forward / .backward / .build_config, which Python calls.
+// Errors raised here (TORCH_CHECK) travel through torch's own operator call path and arrive in
+// Python as RuntimeError; no pybind11 module of ours is involved.
+// On ROCm, load() hipifies wkv7_cuda.cu and builds this same file against the HIP objects, so the
+// operators Python calls ARE the HIP build under the same names: there is no separate "_hip" name
+// to get wrong (the original project registered one and then called the CUDA name, which broke).
 //
 // This file includes no CUDA/HIP headers: the launchers take plain pointers and the stream as
 // void* (Python passes torch.cuda.current_stream(device).cuda_stream, which is a cudaStream_t on
 // CUDA and a hipStream_t on ROCm), and the device is selected with the device-generic guard.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
@@ -77,7 +81,8 @@ void check_state(const at::Tensor& s, const char* name, const at::Tensor& ref) {
                 " is not 16-byte aligned (the kernel moves it with float4); pass ", name, ".clone()");
 }
 
-// xs[0] is r; `state` (the initial state or the final state's gradient) may be absent.
+// xs[0] is r; `state` (the initial state or the final state's gradient) may be absent. Devices are
+// checked separately (check_devices), after everything else.
 void check_inputs(const std::vector<at::Tensor>& xs, const std::vector<const char*>& names,
                   const std::optional<at::Tensor>& state, const char* state_name) {
     const at::Tensor& r = xs[0];
@@ -90,8 +95,12 @@ void check_inputs(const std::vector<at::Tensor>& xs, const std::vector<const cha
                 kChunk, "; pad the sequence or choose ctx_len a multiple of ", kChunk,
                 ", or use impl=\"torch\" (--wkv_impl torch)");
     if (state.has_value()) check_state(*state, state_name, r);
-    for (size_t n = 0; n < xs.size(); ++n) check_device(xs[n], names[n], r);
-    if (state.has_value()) check_device(*state, state_name, r);
+}
+
+void check_devices(const std::vector<at::Tensor>& xs, const std::vector<const char*>& names,
+                   const std::optional<at::Tensor>& state, const char* state_name) {
+    for (size_t n = 0; n < xs.size(); ++n) check_device(xs[n], names[n], xs[0]);
+    if (state.has_value()) check_device(*state, state_name, xs[0]);
 }
 
 void check_launch(const char* err, const char* what) {
@@ -106,6 +115,7 @@ std::vector<at::Tensor> forward(const at::Tensor& r, const at::Tensor& w, const 
                                 const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
                                 const std::optional<at::Tensor>& s0, int64_t stream) {
     check_inputs({r, w, k, v, a, b}, {"r", "w", "k", "v", "a", "b"}, s0, "state");
+    check_devices({r, w, k, v, a, b}, {"r", "w", "k", "v", "a", "b"}, s0, "state");
     const c10::DeviceGuard guard(r.device());
     const int64_t B = r.size(0), T = r.size(1), H = r.size(2);
     const auto f32 = r.options().dtype(at::kFloat);
@@ -136,6 +146,7 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
     TORCH_CHECK(sa.scalar_type() == at::kFloat && sa.is_contiguous() && sa.sizes() == r.sizes(),
                 "wkv7 kernel: backward got sa of shape ", sa.sizes(),
                 "; pass the tensors returned by forward unchanged");
+    check_devices({r, w, k, v, a, b, dy}, {"r", "w", "k", "v", "a", "b", "dy"}, dsT, "state gradient");
     TORCH_CHECK(chunks.device() == r.device() && sa.device() == r.device(),
                 "wkv7 kernel: backward buffers must be on the inputs' device");
     const c10::DeviceGuard guard(r.device());
@@ -158,13 +169,17 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
     return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "WKV7 backstepping kernels (head size and chunk length fixed at build time)";
-    m.attr("head_size") = kN;
-    m.attr("chunk_len") = kChunk;
-    m.def("forward", &forward, "WKV7 forward -> [y, sT, chunks, sa]", py::arg("r"), py::arg("w"),
-          py::arg("k"), py::arg("v"), py::arg("a"), py::arg("b"), py::arg("s0"), py::arg("stream"));
-    m.def("backward", &backward, "WKV7 backward -> [dr, dw, dk, dv, da, db(, ds0)]", py::arg("r"),
-          py::arg("w"), py::arg("k"), py::arg("v"), py::arg("a"), py::arg("b"), py::arg("dy"),
-          py::arg("chunks"), py::arg("sa"), py::arg("dsT"), py::arg("want_ds0"), py::arg("stream"));
+// The build configuration, so that Python can check it loaded the library it asked for.
+std::vector<int64_t> build_config() { return {kN, kChunk}; }
+
+// TORCH_LIBRARY pastes its first argument into names; the extra macro level expands
+// TORCH_EXTENSION_NAME (set by cpp_extension per build) before that happens.
+#define WKV7_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+WKV7_LIBRARY(TORCH_EXTENSION_NAME, m) {
+    m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, int stream) -> Tensor[]",
+          &forward);
+    m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor dy, Tensor chunks, "
+          "Tensor sa, Tensor? dsT, bool want_ds0, int stream) -> Tensor[]",
+          &backward);
+    m.def("build_config() -> int[]", &build_config);  // [head size, chunk length]
 }

@@ -37,6 +37,7 @@ class ModelConfig:
     ctx_len: int = 512
     grad_cp: int = 0            # 1: recompute each block in backward (less memory, ~30% slower)
     wkv_impl: str = "auto"      # auto | cuda | torch (see src.wkv7)
+    compile: int = 0            # 1: torch.compile each block (fuses its elementwise ops; compiles on first step)
     lr_init: float = 6e-4
     lr_final: float = 2e-5
     warmup_steps: int = 10
@@ -297,6 +298,11 @@ class RWKV(pl.LightningModule):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if init_weights:
             self.init_weights()
+        if cfg.compile:
+            # Per block, in place (state_dict keys unchanged). Blocks 1..n-1 share one compiled graph;
+            # block 0 (ln0, v_first) gets its own. Compilation happens on the first forward.
+            for block in self.blocks:
+                block.compile()
 
     @torch.no_grad()
     def init_weights(self) -> None:

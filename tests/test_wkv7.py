@@ -129,3 +129,15 @@ def test_bad_input_messages() -> None:
         wkv7(r, w, k, v, a, b, impl="triton")
     with pytest.raises(TypeError, match="floating point"):
         wkv7(*(t.long() for t in (r, w, k, v, a, b)))
+
+
+def test_chunked_ignores_autocast() -> None:
+    """Under bf16 autocast (how bf16-mixed training calls it) the chunked path still computes in
+    float32: its products span factors up to ~3e8, which bf16 matmuls would round to ~1e-2 errors."""
+    ins64 = random_inputs(1, 96, 2, 64, seed=7)
+    y_ref, s_ref = wkv7_sequential(*ins64)
+    ins32 = [t.float() for t in ins64]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = wkv7_chunked(*ins32)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel_err(y.double(), y_ref) < 1e-4 and rel_err(s.double(), s_ref) < 1e-4

@@ -9,8 +9,9 @@ Without a GPU the kernel is checked three ways:
    thread per CUDA thread (std::barrier for __syncthreads): the real indexing, layouts, barriers,
    bf16/fp16/fp32 conversions, in fp32 arithmetic, against the float64 reference.
 3. nvcc compiles the .cu (all element types) with kernel.py's flags, g++ compiles the torch binding
-   without CUDA headers, the two link into an importable module whose C++ input checks are
-   exercised on CPU tensors, and torch's hipify turns the .cu into HIP-only source.
+   without CUDA headers, the two link into a library that registers its torch.ops operators when
+   loaded, whose C++ input checks are exercised on CPU tensors, and torch's hipify turns the .cu
+   into HIP-only source.
 GPU tests (marked gpu) build the extension through kernel.py and compare it, through autograd, with
 the float64 reference (bf16, fp16, fp32; state in and out).
 """
@@ -23,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -392,44 +392,43 @@ def test_nvcc_compiles_every_element_type(cu_object) -> None:
 
 @pytest.fixture(scope="module")
 def binding(cu_object, tmp_path_factory):
-    """The torch binding compiled with g++ against the torch headers only (no CUDA headers),
-    linked with the nvcc object into an extension module and imported (no GPU needed for that)."""
-    import importlib.util
-
+    """The torch binding compiled with g++ against the torch headers only (no CUDA headers), linked
+    with the nvcc object into a library and loaded the way kernel.py's build is (torch.ops.load_library,
+    whose TORCH_LIBRARY block registers the operators); no GPU needed for that."""
     from torch.utils.cpp_extension import include_paths
 
     if shutil.which("g++") is None or shutil.which("nm") is None or CUDA_HOME is None:
         pytest.skip("needs g++, nm and the CUDA runtime library")
     tmp = tmp_path_factory.mktemp("binding")
     obj, so = tmp / "wkv7_op.o", tmp / "wkv7_test.so"
-    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    incs = [f"-I{p}" for p in include_paths()]
     cmd = ["g++", "-c", "-O0", "-std=c++20", "-fPIC", *DEFINES, "-DTORCH_EXTENSION_NAME=wkv7_test",
-           "-DTORCH_API_INCLUDE_EXTENSION_H", *incs, str(OP), "-o", str(obj)]
+           *incs, str(OP), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     torch_lib = Path(torch.__file__).parent / "lib"
     cudart = CUDA_HOME / "lib64"
     cmd = ["g++", "-shared", str(obj), str(cu_object[0]), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
-           "-ltorch_python", f"-L{cudart}", "-lcudart", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cudart}", "-o", str(so)]
+           f"-L{cudart}", "-lcudart", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cudart}", "-o", str(so)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
-    spec = importlib.util.spec_from_file_location("wkv7_test", so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return obj, module
+    torch.ops.load_library(str(so))
+    return obj, torch.ops.wkv7_test
 
 
 def test_binding_calls_the_launchers_it_links(binding, cu_object) -> None:
     """Every launcher the binding calls is defined by the nvcc object with the same (mangled)
-    signature, and the linked module imports (all symbols resolve)."""
-    obj, module = binding
+    signature, the linked library loads (all symbols resolve) and registers its operators."""
+    obj, ops = binding
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout
     wanted = set(re.findall(r"(\S*wkv7_\w+_launch\S*)", undefined))
     assert len(wanted) == 2, undefined
     defined = subprocess.run(["nm", "--defined-only", str(cu_object[0])], capture_output=True, text=True, check=True).stdout
     for sym in wanted:
         assert re.search(rf"\sT {re.escape(sym)}$", defined, re.M), f"{sym} not defined by wkv7_cuda.o"
-    assert module.head_size == 64 and module.chunk_len == CHUNK
+    assert list(ops.build_config()) == [64, CHUNK]
+    schema = str(ops.forward.default._schema)
+    assert "Tensor? s0" in schema and "-> Tensor[]" in schema, schema
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -445,14 +444,25 @@ def test_binding_calls_the_launchers_it_links(binding, cu_object) -> None:
     (lambda ins: None, "r is on cpu; move r, w, k, v, a, b and the state to the GPU"),
 ])
 def test_binding_rejects_bad_input(binding, change, needle) -> None:
-    """The C++ checks (behind kernel.py's) say what to change; CPU tensors reach all but the last."""
-    _, module = binding
+    """The C++ checks (behind kernel.py's) say what to change, as a Python RuntimeError through torch's
+    operator call path; CPU tensors reach all but the last."""
+    _, ops = binding
     ins = _cpu_inputs()
     change(ins)
     state = ins.pop() if len(ins) == 7 else None
     with pytest.raises(RuntimeError) as e:
-        module.forward(*ins, state, 0)
+        ops.forward(*ins, state, 0)
     assert needle in str(e.value)
+
+
+def test_binding_backward_checks_its_buffers(binding) -> None:
+    _, ops = binding
+    ins = _cpu_inputs()
+    dy = torch.zeros_like(ins[0])
+    chunks = torch.zeros(1, 2, 32 // CHUNK + 1, 64, 64)       # one chunk too many
+    sa = torch.zeros(ins[0].shape)
+    with pytest.raises(RuntimeError, match="backward got chunk states of shape"):
+        ops.backward(*ins, dy, chunks, sa, None, False, 0)
 
 
 def test_hipify_converts_the_kernel(tmp_path) -> None:
@@ -637,11 +647,12 @@ def test_gpu_bad_inputs() -> None:
         K.wkv7_kernel(*ins, state=torch.zeros(1, 2, 64, 64))
     with pytest.raises(ValueError, match="T=20 is not a positive multiple of 16"):
         K.wkv7_kernel(*(t[:, :20].contiguous() for t in ins))
-    module, stream = K.load_kernel(64), torch.cuda.current_stream().cuda_stream
+    ops, stream = K.load_kernel(64), torch.cuda.current_stream().cuda_stream
+    assert list(ops.build_config()) == [64, K.CHUNK_LEN]
     with pytest.raises(RuntimeError, match="T = 20 is not a multiple of 16"):
-        module.forward(*(t[:, :20].contiguous() for t in ins), None, stream)
+        ops.forward(*(t[:, :20].contiguous() for t in ins), None, stream)
     with pytest.raises(RuntimeError, match="state is on cpu; move r, w, k, v, a, b and the state to the GPU"):
-        module.forward(*ins, torch.zeros(1, 2, 64, 64), stream)
+        ops.forward(*ins, torch.zeros(1, 2, 64, 64), stream)
 
 
 @pytest.mark.gpu

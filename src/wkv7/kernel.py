@@ -3,9 +3,10 @@
 The kernel sources live in cuda/ (wkv7_cuda.cu: the backstepping kernels of SPEC section 2,
 wkv7_op.cpp: the torch binding). Nothing is compiled at import: the first call for a head size
 builds the extension with torch.utils.cpp_extension.load (ninja; torch caches the build under
-~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) and keeps the module for later calls.
+~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) and loads it, which registers the operators
+torch.ops.wkv7_n<N>_c16.{forward,backward,build_config}; those are what is called here.
 On ROCm (torch.version.hip set) load() hipifies the same .cu file and compiles it with hipcc; the
-module it returns is the HIP build, and that module object is what is called here.
+operators under the same names are then the HIP build.
 
 Public:
 - ``wkv7_kernel(r, w, k, v, a, b, state=None) -> (y, state_out)``: (B,T,H,N) inputs of one dtype
@@ -14,7 +15,7 @@ Public:
   inputs and the state.
 - ``kernel_available(device) -> bool``: the device is a GPU and a compiler is there (no build).
 - ``kernel_applicable(r) -> bool``: kernel_available and r's dtype, head size and T fit the kernel.
-- ``load_kernel(head_size)``: build (or fetch the cached) extension module.
+- ``load_kernel(head_size)``: build (or fetch the cached) extension; returns its operator namespace.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import functools
 import subprocess
 import threading
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ FALLBACK_HINT = (
 _NVCC_FLAGS = ["-res-usage", "--use_fast_math", "-O3", "-Xptxas", "-O3", "--extra-device-vectorization"]
 _HIPCC_FLAGS = ["-O3", "-ffast-math"]  # hipcc (clang) equivalents; nvcc-only flags would break it
 
-_modules: dict[int, ModuleType] = {}
+KernelOps = Any  # torch.ops.wkv7_n<N>_c<CHUNK>: forward, backward, build_config
+_loaded: dict[int, KernelOps] = {}
 _build_errors: dict[int, str] = {}
 _lock = threading.Lock()
 
@@ -71,7 +73,7 @@ def _key_lines(log: str, limit: int = 25) -> str:
     return "\n".join((hits or lines)[-limit:])
 
 
-def _build(head_size: int, verbose: bool) -> ModuleType:
+def _build(head_size: int, verbose: bool) -> KernelOps:
     from torch.utils import cpp_extension
 
     hip = bool(torch.version.hip)
@@ -85,12 +87,14 @@ def _build(head_size: int, verbose: bool) -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise RuntimeError(f"WKV7 kernel: cannot build, ninja is missing (pip install ninja). {FALLBACK_HINT}")
     defines = [f"-D_N_={head_size}", f"-D_CHUNK_LEN_={CHUNK_LEN}"]
+    name = f"wkv7_n{head_size}_c{CHUNK_LEN}"
     try:
-        return cpp_extension.load(
-            name=f"wkv7_n{head_size}_c{CHUNK_LEN}",
+        cpp_extension.load(
+            name=name,
             sources=[str(CUDA_DIR / "wkv7_op.cpp"), str(CUDA_DIR / "wkv7_cuda.cu")],
             extra_cflags=["-O3", *defines],
             extra_cuda_cflags=[*(_HIPCC_FLAGS if hip else _NVCC_FLAGS), *defines],
+            is_python_module=False,  # a plain library whose TORCH_LIBRARY block registers torch.ops.<name>
             verbose=verbose,
         )
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
@@ -98,10 +102,17 @@ def _build(head_size: int, verbose: bool) -> ModuleType:
             f"WKV7 kernel: building the {'HIP' if hip else 'CUDA'} extension for head size {head_size} "
             f"from {CUDA_DIR} failed. Key lines of the build log:\n{_key_lines(str(e))}\n{FALLBACK_HINT}"
         ) from e
+    ops = getattr(torch.ops, name)
+    built = list(ops.build_config())
+    if built != [head_size, CHUNK_LEN]:
+        raise RuntimeError(f"WKV7 kernel: the library loaded as {name} was built for (head size, chunk) = "
+                           f"{tuple(built)}; delete its folder under ~/.cache/torch_extensions and rerun")
+    return ops
 
 
-def load_kernel(head_size: int, verbose: bool = False) -> ModuleType:
-    """The extension module for `head_size`, built on first use and cached for the process.
+def load_kernel(head_size: int, verbose: bool = False) -> KernelOps:
+    """The kernel's operators for `head_size` (torch.ops.wkv7_n<N>_c16), built on first use and
+    cached for the process.
 
     verbose=True shows the build (with nvcc's register/spill report from -res-usage)."""
     if head_size not in SUPPORTED_HEAD_SIZES:
@@ -110,17 +121,17 @@ def load_kernel(head_size: int, verbose: bool = False) -> ModuleType:
             f"choose --head_size among them. {FALLBACK_HINT}"
         )
     with _lock:
-        if head_size in _modules:
-            return _modules[head_size]
+        if head_size in _loaded:
+            return _loaded[head_size]
         if head_size in _build_errors:  # do not rebuild a failed build on every call
             raise RuntimeError(_build_errors[head_size])
         try:
-            module = _build(head_size, verbose)
+            ops = _build(head_size, verbose)
         except RuntimeError as e:
             _build_errors[head_size] = str(e)
             raise
-        _modules[head_size] = module
-        return module
+        _loaded[head_size] = ops
+        return ops
 
 
 def _state_arg(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +151,8 @@ class WKV7Kernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state):  # (B,T,H,N) x6, (B,H,N,N) fp32 or None
-        module = load_kernel(r.shape[-1])
-        y, state_out, chunks, sa = module.forward(r, w, k, v, a, b, state, _stream(r.device))
+        ops = load_kernel(r.shape[-1])
+        y, state_out, chunks, sa = ops.forward(r, w, k, v, a, b, state, _stream(r.device))
         ctx.save_for_backward(r, w, k, v, a, b, chunks, sa)
         ctx.has_state = state is not None
         ctx.set_materialize_grads(False)  # an unused y or state_out arrives as None
@@ -150,12 +161,12 @@ class WKV7Kernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dstate):
         r, w, k, v, a, b, chunks, sa = ctx.saved_tensors
-        module = load_kernel(r.shape[-1])
+        ops = load_kernel(r.shape[-1])
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()  # (B,T,H,N)
         if dstate is not None:
             dstate = _state_arg(dstate)  # (B,H,N,N)
         want_ds0 = ctx.has_state and ctx.needs_input_grad[6]
-        grads = module.backward(r, w, k, v, a, b, dy, chunks, sa, dstate, want_ds0, _stream(r.device))
+        grads = ops.backward(r, w, k, v, a, b, dy, chunks, sa, dstate, want_ds0, _stream(r.device))
         return (*grads[:6], grads[6] if want_ds0 else None)
 
 

@@ -49,15 +49,26 @@ def wkv7_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     the output is cast back). Returns (y (B,T,H,N) in the input dtype, final state (B,H,N,N) in the
     compute dtype).
     """
-    B, T, H, N = r.shape
     in_dtype = r.dtype
     cdt = torch.float64 if in_dtype == torch.float64 else torch.float32
-    r, w, k, v, a, b = (t.to(cdt) for t in (r, w, k, v, a, b))
-    S = r.new_zeros(B, H, N, N) if state is None else state.to(cdt)
+    # Autocast off: it would run the matmuls below in bf16/fp16, whose 8/11-bit mantissas cannot hold
+    # products of factors up to ~3e8 (see Range); under torch.compile that even produced NaN gradients.
+    with torch.autocast(r.device.type, enabled=False):
+        y, S = _chunked(*(t.to(cdt) for t in (r, w, k, v, a, b)), None if state is None else state.to(cdt),
+                        chunk_len)
+    return y.to(in_dtype), S
+
+
+def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
+             chunk_len: int) -> tuple[Tensor, Tensor]:
+    """wkv7_chunked on inputs already in the compute dtype."""
+    B, T, H, N = r.shape
+    cdt = r.dtype
+    S = r.new_zeros(B, H, N, N) if state is None else state
 
     if T == 1:
         y, S = _step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
-        return y.unsqueeze(1).to(in_dtype), S
+        return y.unsqueeze(1), S
 
     L = min(chunk_len, T)
     pad = (-T) % L
@@ -107,4 +118,4 @@ def wkv7_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     S0 = torch.stack(starts, dim=2)                                         # (B,H,C,N,N)
     y = R_eff @ S0.transpose(-1, -2) + Y0                                   # (B,H,C,L,N)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T]
-    return y.to(in_dtype), S
+    return y, S
