@@ -402,8 +402,6 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
 if __name__ == "__main__":
     # Lightning's hint to add DataLoader workers does not apply: samples are memory-mapped slices.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # The model logs train_loss for the progress bar; train_log.txt and wandb are the logs here.
-    warnings.filterwarnings("ignore", ".*but have no logger configured.*")
     try:
         sys.exit(main())
     except TrainingError as e:

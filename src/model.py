@@ -37,7 +37,7 @@ class ModelConfig:
     ctx_len: int = 512
     grad_cp: int = 0            # 1: recompute each block in backward (less memory, ~30% slower)
     wkv_impl: str = "auto"      # auto | cuda | torch (see src.wkv7)
-    compile: int = 0            # 1: torch.compile each block (fuses its elementwise ops; compiles on first step)
+    compile: int = 0            # 1: torch.compile the time/channel mixes (fused elementwise ops; compiles on first step)
     lr_init: float = 6e-4
     lr_final: float = 2e-5
     warmup_steps: int = 10
@@ -96,6 +96,7 @@ class TimeMix(nn.Module):
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         D = lora_dims(C, N)
         self.layer_id, self.n_head, self.head_size, self.wkv_impl = layer_id, H, N, cfg.wkv_impl
+        self.compiled = bool(cfg.compile)
 
         def vec() -> nn.Parameter:
             return nn.Parameter(torch.empty(1, 1, C))
@@ -121,31 +122,52 @@ class TimeMix(nn.Module):
                 wkv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (B,T,C) -> (out (B,T,C), v_first (B,T,C), last x (B,C), wkv state (B,H,N,N))."""
         B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x                                        # (B,T,C)
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
-
-        r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # log(-log d), <= -0.5
-        k = self.key(xk)
-        v = self.value(xv)
-        if self.layer_id == 0:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)                  # in-context learning rate
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # (B,T,H,N)
-        k = k * (1 + (a - 1) * self.k_a)
-        r4, k4, v4 = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
-        y, wkv_state = wkv7(r4, w.view(B, T, H, N), k4, v4, -kk, kk * a.view(B, T, H, N),
+        heads = (B, T, self.n_head, self.head_size)
+        project, readout = (_project_compiled, _readout_compiled) if self.compiled else (_project, _readout)
+        r, w, k, v, a_in, b_in, g = project(self, x, v_first, shift)
+        y, wkv_state = wkv7(r.view(heads), w.view(heads), k.view(heads), v.view(heads), a_in, b_in,
                             state=wkv_state, impl=self.wkv_impl)              # (B,T,H,N)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4          # (B,T,H,N)
-        y = y + bonus.view(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], wkv_state
+        return readout(self, y, r, k, v, g), (v if self.layer_id == 0 else v_first), x[:, -1], wkv_state
+
+
+# TimeMix's work before and after WKV7, as plain functions so that --compile 1 can compile exactly
+# these: every output is a fresh tensor (views and pass-through values are made in the eager
+# forward; aliased outputs of compiled graphs crashed torch 2.13's AOTAutograd replay) and WKV7
+# stays outside (see src/wkv7/__init__.py).
+def _project(m: TimeMix, x: Tensor, v_first: Tensor | None,
+             shift: Tensor | None) -> tuple[Tensor, ...]:
+    """SPEC steps 1-9: x (B,T,C) -> r, w, k, v, g (B,T,C) and the WKV7 a, b inputs (B,T,H,N)."""
+    B, T, C = x.shape
+    H, N = m.n_head, m.head_size
+    xx = token_shift(x, shift) - x                                            # (B,T,C)
+    xr, xw, xk = x + xx * m.x_r, x + xx * m.x_w, x + xx * m.x_k
+    xv, xa, xg = x + xx * m.x_v, x + xx * m.x_a, x + xx * m.x_g
+
+    r = m.receptance(xr)
+    w = -F.softplus(-(m.w0 + torch.tanh(xw @ m.w1) @ m.w2)) - 0.5            # log(-log d), <= -0.5
+    k = m.key(xk)
+    v = m.value(xv)
+    if m.layer_id > 0:
+        v = v + (v_first - v) * torch.sigmoid(m.v0 + (xv @ m.v1) @ m.v2)
+    a = torch.sigmoid(m.a0 + (xa @ m.a1) @ m.a2)                              # in-context learning rate
+    g = torch.sigmoid(xg @ m.g1) @ m.g2
+
+    kk = F.normalize((k * m.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # (B,T,H,N)
+    k = k * (1 + (a - 1) * m.k_a)
+    return r, w, k, v, -kk, kk * a.view(B, T, H, N), g
+
+
+def _readout(m: TimeMix, y: Tensor, r: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
+    """SPEC steps 10-12: WKV7's y (B,T,H,N) -> GroupNorm, bonus, gate, output projection (B,T,C)."""
+    B, T, C = r.shape
+    H, N = m.n_head, m.head_size
+    y = m.ln_x(y.reshape(B * T, C)).view(B, T, C)
+    bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * m.r_k).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)
+    return m.output((y + bonus.view(B, T, C)) * g)
+
+
+_project_compiled = torch.compile(_project)     # compiles on first call, for --compile 1 only
+_readout_compiled = torch.compile(_readout)
 
 
 class ChannelMix(nn.Module):
@@ -156,11 +178,19 @@ class ChannelMix(nn.Module):
         self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+        self.compiled = bool(cfg.compile)
 
     def forward(self, x: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
         """x (B,T,C) -> (out (B,T,C), last x (B,C))."""
-        k = x + (token_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+        return (_ffn_compiled if self.compiled else _ffn)(self, x, shift), x[:, -1]
+
+
+def _ffn(m: ChannelMix, x: Tensor, shift: Tensor | None) -> Tensor:
+    k = x + (token_shift(x, shift) - x) * m.x_k
+    return m.value(torch.relu(m.key(k)) ** 2)
+
+
+_ffn_compiled = torch.compile(_ffn)
 
 
 class Block(nn.Module):
@@ -298,11 +328,6 @@ class RWKV(pl.LightningModule):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if init_weights:
             self.init_weights()
-        if cfg.compile:
-            # Per block, in place (state_dict keys unchanged). Blocks 1..n-1 share one compiled graph;
-            # block 0 (ln0, v_first) gets its own. Compilation happens on the first forward.
-            for block in self.blocks:
-                block.compile()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -349,9 +374,9 @@ class RWKV(pl.LightningModule):
         x, y = batch[0], batch[1]
         mask = batch[2] if len(batch) > 2 else None
         logits = self(x)
-        loss = L2Wrap.apply(lm_loss(logits, y, mask), logits, mask)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, logger=True, batch_size=x.size(0))
-        return loss
+        # Not self.log()'d: src/trainer.py's TrainingMonitor reads the returned loss once per step and
+        # shows it (a second logged copy cost Lightning bookkeeping and a GPU sync per step).
+        return L2Wrap.apply(lm_loss(logits, y, mask), logits, mask)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """SPEC's groups: att.w0 at 2x lr, weight decay only on 2-D `.weight` matrices."""
