@@ -124,7 +124,9 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         heads = (B, T, self.n_head, self.head_size)
         project, readout = (_project_compiled, _readout_compiled) if self.compiled else (_project, _readout)
-        r, w, k, v, a_in, b_in, g = project(self, x, v_first, shift)
+        # Layer 0 has no v_first yet: passing None (not the layer index) keeps the compiled variants
+        # at two, whatever the depth.
+        r, w, k, v, a_in, b_in, g = project(self, x, v_first if self.layer_id > 0 else None, shift)
         y, wkv_state = wkv7(r.view(heads), w.view(heads), k.view(heads), v.view(heads), a_in, b_in,
                             state=wkv_state, impl=self.wkv_impl)              # (B,T,H,N)
         return readout(self, y, r, k, v, g), (v if self.layer_id == 0 else v_first), x[:, -1], wkv_state
@@ -147,7 +149,7 @@ def _project(m: TimeMix, x: Tensor, v_first: Tensor | None,
     w = -F.softplus(-(m.w0 + torch.tanh(xw @ m.w1) @ m.w2)) - 0.5            # log(-log d), <= -0.5
     k = m.key(xk)
     v = m.value(xv)
-    if m.layer_id > 0:
+    if v_first is not None:                                                   # layers 1..L-1
         v = v + (v_first - v) * torch.sigmoid(m.v0 + (xv @ m.v1) @ m.v2)
     a = torch.sigmoid(m.a0 + (xa @ m.a1) @ m.a2)                              # in-context learning rate
     g = torch.sigmoid(xg @ m.g1) @ m.g2

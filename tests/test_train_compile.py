@@ -48,9 +48,10 @@ def test_compiled_blocks_train_like_eager(tmp_path: Path) -> None:
 
 
 def test_compiled_model_keeps_state_dict_and_outputs() -> None:
-    """ModelConfig(compile=1) compiles each block in place: same keys, same logits as eager (float64 check)."""
+    """ModelConfig(compile=1): same keys, same logits as eager (float64 check), and the layers share
+    their compiled graphs (two variants of the time-mix projection, one readout, one channel mix)."""
     torch.manual_seed(0)
-    cfg = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=97, ctx_len=32)
+    cfg = dict(n_layer=3, n_embd=64, head_size=32, vocab_size=97, ctx_len=32)
     eager = RWKV(ModelConfig(**cfg)).double()
     comp = RWKV(ModelConfig(**cfg, compile=1), init_weights=False).double()
     comp.load_state_dict(eager.state_dict())
@@ -60,7 +61,7 @@ def test_compiled_model_keeps_state_dict_and_outputs() -> None:
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         assert torch.allclose(comp(x), eager(x), rtol=1e-9, atol=1e-9)
-    assert counters["stats"]["unique_graphs"] > graphs   # the blocks really ran compiled
+    assert 0 < counters["stats"]["unique_graphs"] - graphs <= 4   # compiled, not once per layer
 
 
 def test_compile_flag_checks_for_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
