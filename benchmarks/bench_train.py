@@ -35,7 +35,7 @@ TARGET_H100 = 350_000
 
 
 def configs(device: str, quick: bool) -> list[dict[str, Any]]:
-    cpu_steps = (1, 1) if quick else (1, 2)      # (warm-up, measured): a CPU step takes seconds
+    cpu_steps = (1, 1) if quick else (1, 4)      # (warm-up, measured): a CPU step takes seconds
     gpu_steps = (3, 10) if quick else (5, 20)
     out = []
     if device in ("cpu", "all"):
