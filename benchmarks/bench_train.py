@@ -10,7 +10,7 @@ TrainingMonitor (per-step LR, loss reduce across ranks, progress numbers), on ra
 memory so that reading data costs nothing. Every configuration runs in its own process (a fresh peak
 memory, one DeepSpeed engine per process). Step time = median wall time between consecutive batch
 ends after the warm-up steps (the first steps build the kernel and DeepSpeed's buffers, and with
---compile 1 compile the blocks); tokens/s =
+--compile 1 compile the time/channel mixes); tokens/s =
 micro_bsz * ctx_len / step time (one device). Peak memory: CUDA max allocated on the GPU, the peak
 resident size of the process on the CPU.
 Target (issue 4): >= 350k tokens/s on one H100 (bf16, DeepSpeed ZeRO-2), twice the ~175k tokens/s

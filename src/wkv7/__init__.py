@@ -44,10 +44,10 @@ def _check_inputs(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
             raise ValueError(f"wkv7: state is on {state.device} but the inputs are on {r.device}")
 
 
-# torch.compile (train.py --compile 1) runs WKV7 eagerly between its compiled graphs: the kernel is
-# opaque to it, and inductor's CPU backward of the chunked path's float32 island inside bf16 autocast
-# gave NaN gradients (torch 2.13, T >= 128; aot_eager was fine). The compiled parts are the token
-# shifts, LoRAs, norms and the channel mix, where the fusion pays.
+# Never traced by torch.compile (train.py --compile 1 compiles only the code around it, and this keeps
+# a whole-model torch.compile from tracing it too): the kernel is opaque to it, and inductor's CPU
+# backward of the chunked path's float32 island inside bf16 autocast gave NaN gradients (torch 2.13,
+# T >= 128; aot_eager was fine).
 @torch.compiler.disable
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
          state: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
@@ -57,11 +57,6 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     _check_inputs(r, w, k, v, a, b, state)
     if impl == "torch" or (impl == "auto" and r.device.type != "cuda"):
         return wkv7_chunked(r, w, k, v, a, b, state)
-    return _kernel_or_fallback(r, w, k, v, a, b, state, impl)
-
-
-def _kernel_or_fallback(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                        state: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
     # Imported here so that CPU-only use never touches the kernel module (no build at import).
     from .kernel import kernel_applicable, wkv7_kernel
     if impl == "auto" and not kernel_applicable(r):
