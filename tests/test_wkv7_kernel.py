@@ -391,21 +391,42 @@ def test_nvcc_compiles_every_element_type(cu_object) -> None:
 
 
 @pytest.fixture(scope="module")
-def binding(cu_object, tmp_path_factory):
-    """The torch binding compiled with g++ against the torch headers only (no CUDA headers), linked
-    with the nvcc object into a library and loaded the way kernel.py's build is (torch.ops.load_library,
-    whose TORCH_LIBRARY block registers the operators); no GPU needed for that."""
+def op_object(tmp_path_factory) -> Path:
+    """cuda/wkv7_op.cpp compiled by g++ against the torch headers only (it includes no CUDA/HIP header)."""
     from torch.utils.cpp_extension import include_paths
 
-    if shutil.which("g++") is None or shutil.which("nm") is None or CUDA_HOME is None:
-        pytest.skip("needs g++, nm and the CUDA runtime library")
-    tmp = tmp_path_factory.mktemp("binding")
-    obj, so = tmp / "wkv7_op.o", tmp / "wkv7_test.so"
+    if shutil.which("g++") is None or shutil.which("nm") is None:
+        pytest.skip("needs g++ and nm")
+    obj = tmp_path_factory.mktemp("op") / "wkv7_op.o"
     incs = [f"-I{p}" for p in include_paths()]
     cmd = ["g++", "-c", "-O0", "-std=c++20", "-fPIC", *DEFINES, "-DTORCH_EXTENSION_NAME=wkv7_test",
            *incs, str(OP), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
+    return obj
+
+
+def _launchers_wanted(op_obj: Path) -> set[str]:
+    """The (mangled) launcher symbols the binding object calls."""
+    undefined = subprocess.run(["nm", "-u", str(op_obj)], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"(\S*wkv7_\w+_launch\S*)", undefined))
+
+
+def _assert_defines(obj: Path, symbols: set[str]) -> None:
+    defined = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
+    for sym in symbols:
+        assert re.search(rf"\sT {re.escape(sym)}$", defined, re.M), f"{sym} not defined by {obj.name}"
+
+
+@pytest.fixture(scope="module")
+def binding(cu_object, op_object, tmp_path_factory):
+    """The torch binding compiled with g++ against the torch headers only (no CUDA headers), linked
+    with the nvcc object into a library and loaded the way kernel.py's build is (torch.ops.load_library,
+    whose TORCH_LIBRARY block registers the operators); no GPU needed for that."""
+    if CUDA_HOME is None:
+        pytest.skip("needs the CUDA runtime library")
+    obj = op_object
+    so = tmp_path_factory.mktemp("binding") / "wkv7_test.so"
     torch_lib = Path(torch.__file__).parent / "lib"
     cudart = CUDA_HOME / "lib64"
     cmd = ["g++", "-shared", str(obj), str(cu_object[0]), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
@@ -420,12 +441,9 @@ def test_binding_calls_the_launchers_it_links(binding, cu_object) -> None:
     """Every launcher the binding calls is defined by the nvcc object with the same (mangled)
     signature, the linked library loads (all symbols resolve) and registers its operators."""
     obj, ops = binding
-    undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout
-    wanted = set(re.findall(r"(\S*wkv7_\w+_launch\S*)", undefined))
-    assert len(wanted) == 2, undefined
-    defined = subprocess.run(["nm", "--defined-only", str(cu_object[0])], capture_output=True, text=True, check=True).stdout
-    for sym in wanted:
-        assert re.search(rf"\sT {re.escape(sym)}$", defined, re.M), f"{sym} not defined by wkv7_cuda.o"
+    wanted = _launchers_wanted(obj)
+    assert len(wanted) == 2, wanted
+    _assert_defines(cu_object[0], wanted)
     assert list(ops.build_config()) == [64, CHUNK]
     schema = str(ops.forward.default._schema)
     assert "Tensor? s0" in schema and "-> Tensor[]" in schema, schema
@@ -465,13 +483,14 @@ def test_binding_backward_checks_its_buffers(binding) -> None:
         ops.backward(*ins, dy, chunks, sa, None, False, 0)
 
 
-def test_hipify_converts_the_kernel(tmp_path) -> None:
-    """ROCm: torch.utils.cpp_extension.load runs this hipify on the sources; the result must use
-    HIP names only (one source of truth for CUDA and HIP)."""
+@pytest.fixture(scope="module")
+def hipified(tmp_path_factory) -> tuple[Path, Path]:
+    """(kernel .hip, binding .cpp) as torch.utils.cpp_extension.load writes them on ROCm: it runs
+    this hipify on the sources before compiling them with hipcc."""
     from torch.utils.hipify import hipify_python
 
-    src = tmp_path / "repo" / "cuda"
-    build = tmp_path / "build"
+    tmp = tmp_path_factory.mktemp("hipify")
+    src, build = tmp / "repo" / "cuda", tmp / "build"
     src.mkdir(parents=True)
     build.mkdir()
     for f in (CU, OP):
@@ -479,7 +498,12 @@ def test_hipify_converts_the_kernel(tmp_path) -> None:
     result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
                                   extra_files=[str(src / CU.name), str(src / OP.name)],
                                   is_pytorch_extension=True, show_detailed=False, show_progress=False)
-    hip_cu = Path(result[str(src / CU.name)].hipified_path)
+    return Path(result[str(src / CU.name)].hipified_path), Path(result[str(src / OP.name)].hipified_path)
+
+
+def test_hipify_converts_the_kernel(hipified) -> None:
+    """ROCm: the hipified sources must use HIP names only (one source of truth for CUDA and HIP)."""
+    hip_cu, hip_op = hipified
     assert hip_cu.suffix == ".hip" and hip_cu.exists()
     text = re.sub(r"//[^\n]*", "", hip_cu.read_text())  # code only
     for cuda_name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h", "__nv_bfloat16", "cudaStream_t",
@@ -491,7 +515,55 @@ def test_hipify_converts_the_kernel(tmp_path) -> None:
     assert 0 <= text.find("#include <hip/hip_runtime.h>") < text.find("__global__")
     # the binding has no CUDA names in its code: hipify leaves the code as it is
     code = lambda t: [ln for ln in re.sub(r"//[^\n]*", "", t).splitlines() if ln.strip()]
-    assert code(Path(result[str(src / OP.name)].hipified_path).read_text()) == code(OP.read_text())
+    assert code(hip_op.read_text()) == code(OP.read_text())
+
+
+HIPCC = shutil.which("hipcc")
+HIP_COMPAT = Path(__file__).resolve().parent / "hip_compat"  # <hip/hip_bf16.h> for ROCm < 5.7 only
+HIP_ARCHS = ("gfx90a", "gfx1030")  # MI200 (64-wide wavefronts) and RDNA2 (32-wide: a block is 2 waves)
+
+
+def _hipcc(args: list[str], **kw) -> subprocess.CompletedProcess:
+    # Debian's hipcc picks the NVIDIA platform when nvcc is on PATH (as here); the ROCm build is wanted.
+    env = {**os.environ, "HIP_PLATFORM": "amd"}
+    return subprocess.run([HIPCC, *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.mark.skipif(HIPCC is None, reason="hipcc not found (Debian/Ubuntu: apt-get install hipcc libamdhip64-dev rocm-device-libs)")
+def test_hipcc_compiles_the_hipified_kernel(hipified, op_object, tmp_path) -> None:
+    """The hipified kernel builds with a real HIP compiler, with the flags torch's ROCm build adds and
+    kernel.py's hipcc flags, for a 64-wide and a 32-wide AMD GPU: every kernel for every element type,
+    host launchers with the signatures the binding calls, and a forward that keeps its state row in
+    registers (no scratch), as on NVIDIA."""
+    from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
+
+    hip_cu, _ = hipified
+    probe = _hipcc(["-x", "hip", "-E", "-o", os.devnull, "-"], input="#include <hip/hip_bf16.h>\n")
+    compat = [] if probe.returncode == 0 else [f"-I{HIP_COMPAT}"]
+    obj = tmp_path / "wkv7_hip.o"
+    res = _hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *DEFINES, *compat,
+                  "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in HIP_ARCHS),
+                  "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(obj)])
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    # kernel-resource-usage remarks: a "Function Name" line, then that kernel's figures
+    kernels: list[dict[str, str]] = []
+    for line in res.stderr.splitlines():
+        m = re.search(r"remark:\s+(Function Name|ScratchSize \[bytes/lane\]|VGPRs Spill): (\S+)", line)
+        if m and m.group(1) == "Function Name":
+            kernels.append({"name": m.group(2)})
+        elif m and kernels:
+            kernels[-1][m.group(1).split()[0]] = m.group(2)
+    for kern in ("forward_kernel", "backward_kernel"):
+        for elem in ("14__hip_bfloat16", "6__half", "f"):
+            found = [k for k in kernels if f"{kern}I{elem}E" in k["name"]]
+            assert len(found) == len(HIP_ARCHS), (kern, elem, [k["name"] for k in kernels])
+    forwards = [k for k in kernels if "forward_kernel" in k["name"]]
+    assert forwards and all(k["ScratchSize"] == "0" and k["VGPRs"] == "0" for k in forwards), forwards
+
+    wanted = _launchers_wanted(op_object)
+    assert len(wanted) == 2, wanted
+    _assert_defines(obj, wanted)
 
 
 # ----------------------------------------------------------------------------------------------

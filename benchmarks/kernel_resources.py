@@ -1,0 +1,135 @@
+"""WKV7 kernel resources per GPU target, read off the compilers (no GPU needed), as one table.
+
+    python -m benchmarks.kernel_resources                  # every compiler found, head size 64
+    python -m benchmarks.kernel_resources --head_size 128
+
+For each kernel (forward/backward x bf16/fp16/fp32) and target: registers per thread and the bytes
+spilled to local/scratch memory per thread, which the backstepping design wants at zero (the state
+row lives in registers; a spill costs memory traffic in every time step).
+- NVIDIA: nvcc with the flags torch's build adds and kernel.py's, `-Xptxas -v` (sm_80 A100, sm_90 H100).
+- AMD: torch's hipify of cuda/wkv7_cuda.cu, then hipcc with the flags torch's ROCm build adds and
+  kernel.py's, `-Rpass-analysis=kernel-resource-usage` (gfx90a MI200, gfx1030 RDNA2). On HIP older
+  than 5.7 (no <hip/hip_bf16.h>) tests/hip_compat supplies that header. "regs" there is VGPRs +
+  AGPRs (the 512-entry unified file of gfx90a and later, 256 on RDNA).
+Figures depend on the compiler version: say which in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from src.wkv7 import kernel as K
+
+REPO = Path(__file__).resolve().parents[1]
+CU = REPO / "cuda" / "wkv7_cuda.cu"
+HIP_COMPAT = REPO / "tests" / "hip_compat"
+NV_ARCHS = ("80", "90")
+AMD_ARCHS = ("gfx90a", "gfx1030")
+ELEMS = {"13__nv_bfloat16": "bf16", "14__hip_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
+
+
+def _kernel_label(mangled: str) -> str:
+    m = re.search(r"(forward|backward)_kernelI(\w+?)E", mangled)
+    return f"{m.group(1)} {ELEMS.get(m.group(2), m.group(2))}" if m else mangled
+
+
+def nvcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, int]]:
+    """(compiler, target, kernel, registers, spill bytes = stores + loads) from ptxas -v."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in NV_ARCHS]
+    res = subprocess.run(["nvcc", "-c", "-std=c++17", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS, *K._NVCC_FLAGS, "-Xptxas", "-v",
+                          *defines, *gencode, str(CU), "-o", str(tmp / "k.o")], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{res.stderr[-3000:]}")
+    version = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
+    rows, name, arch, spill = [], "", "", 0
+    for line in res.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
+            name, arch = m.group(1), m.group(2)
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            spill = int(m.group(1)) + int(m.group(2))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name:
+            rows.append((f"nvcc {version.group(1) if version else '?'}", f"sm_{arch}", _kernel_label(name),
+                         int(m.group(1)), spill))
+            name = ""
+    return rows
+
+
+def hipcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, int]]:
+    """(compiler, target, kernel, VGPRs + AGPRs, scratch bytes per lane) from hipcc's remarks, one
+    target at a time (the remarks do not name the target)."""
+    from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
+    from torch.utils.hipify import hipify_python
+
+    build = tmp / "hip"
+    build.mkdir()
+    shutil.copy(CU, build / CU.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # hipify prints a banner
+        result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
+                                      extra_files=[str(build / CU.name)], is_pytorch_extension=True,
+                                      show_detailed=False, show_progress=False)
+    hip_cu = result[str(build / CU.name)].hipified_path
+    env = {**os.environ, "HIP_PLATFORM": "amd"}  # Debian's hipcc would pick nvcc when it is on PATH
+    probe = subprocess.run(["hipcc", "-x", "hip", "-E", "-o", os.devnull, "-"], input="#include <hip/hip_bf16.h>\n",
+                           capture_output=True, text=True, env=env)
+    compat = [] if probe.returncode == 0 else [f"-I{HIP_COMPAT}"]
+    version = re.search(r"clang version ([\d.]+)",
+                        subprocess.run(["hipcc", "--version"], capture_output=True, text=True, env=env).stdout)
+    rows = []
+    for arch in AMD_ARCHS:
+        res = subprocess.run(["hipcc", "-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS,
+                              *defines, *compat, "-fno-gpu-rdc", f"--offload-arch={arch}",
+                              "-Rpass-analysis=kernel-resource-usage", hip_cu, "-o", str(tmp / f"{arch}.o")],
+                             capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"hipcc failed for {arch}:\n{res.stderr[-3000:]}")
+        cur: dict[str, str] = {}
+        for line in res.stderr.splitlines() + ["remark: Function Name: <end>"]:
+            m = re.search(r"remark:\s+(Function Name|VGPRs|AGPRs|ScratchSize \[bytes/lane\]): (\S+)", line)
+            if not m:
+                continue
+            if m.group(1) == "Function Name":
+                if cur:
+                    regs = int(cur.get("VGPRs", 0)) + int(cur.get("AGPRs", 0))
+                    rows.append((f"hip clang {version.group(1) if version else '?'}", arch, _kernel_label(cur["name"]),
+                                 regs, int(cur.get("ScratchSize", 0))))
+                cur = {"name": m.group(2)}
+            else:
+                cur[m.group(1).split()[0]] = m.group(2)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head_size", type=int, default=64, choices=K.SUPPORTED_HEAD_SIZES)
+    args = ap.parse_args()
+    defines = [f"-D_N_={args.head_size}", f"-D_CHUNK_LEN_={K.CHUNK_LEN}"]
+    rows, missing = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for tool, fn in (("nvcc", nvcc_rows), ("hipcc", hipcc_rows)):
+            if shutil.which(tool):
+                sub = Path(d) / tool
+                sub.mkdir()
+                rows += fn(defines, sub)
+            else:
+                missing.append(tool)
+    print(f"WKV7 kernel resources, head size {args.head_size}, chunk {K.CHUNK_LEN}")
+    print(f"| {'compiler':<16} | {'target':<8} | {'kernel':<13} | {'regs/thread':>11} | {'spill B/thread':>14} |")
+    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 15}|{'-' * 13}|{'-' * 16}|")
+    for comp, target, kern, regs, spill in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
+        print(f"| {comp:<16} | {target:<8} | {kern:<13} | {regs:>11} | {spill:>14} |")
+    for tool in missing:
+        print(f"({tool} not found: its rows are missing)")
+
+
+if __name__ == "__main__":
+    main()
