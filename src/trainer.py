@@ -32,7 +32,9 @@ Files written into proj_dir (rank 0 writes; every file via a temporary name and 
 
 Bad numbers: the loss (averaged over ranks) is checked at every step; NaN/inf stops training with a
 TrainingError naming the step (no file is written after it), and before every save the weights are
-checked too. A loss above SPIKE_RATIO times its running mean is a spike: a warning with the step,
+checked too. On a GPU a step's loss is read one step later (copied to the host without a sync), so
+that reading it never stalls the CPU from queueing the next step; before any checkpoint or log line
+the newest loss is read at once. A loss above SPIKE_RATIO times its running mean is a spike: a warning with the step,
 counted in the mini-epoch's log line.
 """
 from __future__ import annotations
@@ -206,6 +208,34 @@ class _EpochStats:
     started: float = field(default_factory=time.time)
 
 
+@dataclass
+class _StepLoss:
+    """A step's rank-mean loss on its way to the host: read with `value()`, which on CUDA waits only
+    for that step's copy (an event), not for work queued after it."""
+    step: int
+    lr: float
+    ended: float  # time.time() when the step's batch ended (on the CPU)
+    loss: torch.Tensor
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, step: int, lr: float, loss: torch.Tensor) -> _StepLoss:
+        ended = time.time()
+        loss = loss.detach().float()
+        if loss.device.type != "cuda":
+            return cls(step, lr, ended, loss)
+        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(step, lr, ended, host, event)
+
+    def value(self) -> float:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return float(self.loss)
+
+
 class TrainingMonitor(pl.Callback):
     """Sets the LR, tracks tokens/s and loss, writes train_log.txt, checkpoints and (optionally) wandb."""
 
@@ -224,6 +254,7 @@ class TrainingMonitor(pl.Callback):
         self.run_steps = 0
         self.kt_per_s = 0.0
         self._last_time = 0.0
+        self._pending: _StepLoss | None = None  # the newest step's loss, not read yet
         self._wandb: Any = None
 
     # ---- paths -------------------------------------------------------------------------------
@@ -257,45 +288,56 @@ class TrainingMonitor(pl.Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         loss_t = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         # Mean over ranks: every rank sees the same number, so all decide (stop, save) alike.
-        loss = float(trainer.strategy.reduce(loss_t.detach().float(), reduce_op="mean"))
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss} at step {self.step + 1} (mini-epoch {self.step // self.plan.epoch_steps}, "
-                f"lr {self.lr:.3e}); nothing was saved after it. Resume from the last rwkv-N.pth in "
-                f"{self.plan.proj_dir} with a lower --lr_init or more --warmup_steps")
+        loss_t = trainer.strategy.reduce(loss_t.detach().float(), reduce_op="mean")
         self.step += 1
         self.warm_step += 1
         self.run_steps += 1
-        self._track(trainer, pl_module, loss)
+        previous, self._pending = self._pending, _StepLoss.start(self.step, self.lr, loss_t)
+        if previous is not None:
+            self._track(trainer, pl_module, previous)
         at_end = self.step >= self.plan.total_steps
         if self.step % self.plan.epoch_steps == 0 or at_end:
+            self._flush(trainer, pl_module)  # the mini-epoch's last loss, read before its log and save
             self._end_of_mini_epoch(trainer, pl_module, at_end)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer, pl_module, show=False)  # Lightning allows no progress-bar logging here
         self._finish_wandb(0)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._finish_wandb(1)
 
     # ---- per step ----------------------------------------------------------------------------
-    def _track(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: float) -> None:
-        now = time.time()
-        rate = self.plan.tokens_per_step / max(now - self._last_time, 1e-9) / 1000
-        self._last_time = now
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, show: bool = True) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._track(trainer, pl_module, pending, show)
+
+    def _track(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: _StepLoss,
+               show: bool = True) -> None:
+        loss = entry.value()
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {entry.step} (mini-epoch {(entry.step - 1) // self.plan.epoch_steps}, "
+                f"lr {entry.lr:.3e}); nothing was saved after it. Resume from the last rwkv-N.pth in "
+                f"{self.plan.proj_dir} with a lower --lr_init or more --warmup_steps")
+        rate = self.plan.tokens_per_step / max(entry.ended - self._last_time, 1e-9) / 1000
+        self._last_time = entry.ended
         # The first step of a run includes compilation and warm-up of the data pipeline.
         self.kt_per_s = rate if self.run_steps <= 2 else 0.9 * self.kt_per_s + 0.1 * rate
         self.epoch.loss_sum += loss
         self.epoch.steps += 1
         if self.loss_ema is not None and self.run_steps > SPIKE_MIN_STEPS and loss > SPIKE_RATIO * self.loss_ema:
             self.epoch.spikes += 1
-            rank_zero_warn(f"loss spike at step {self.step}: {loss:.4f} vs running mean {self.loss_ema:.4f} "
-                           f"(lr {self.lr:.3e})")
+            rank_zero_warn(f"loss spike at step {entry.step}: {loss:.4f} vs running mean {self.loss_ema:.4f} "
+                           f"(lr {entry.lr:.3e})")
         self.loss_ema = loss if self.loss_ema is None else (1 - SPIKE_EMA) * self.loss_ema + SPIKE_EMA * loss
-        pl_module.log_dict({"loss": self.epoch.loss_sum / self.epoch.steps, "lr": self.lr, "kt/s": self.kt_per_s},
-                           prog_bar=True, on_step=True, logger=False)
+        if show:
+            pl_module.log_dict({"loss": self.epoch.loss_sum / self.epoch.steps, "lr": entry.lr,
+                                "kt/s": self.kt_per_s}, prog_bar=True, on_step=True, logger=False)
         if self._wandb is not None:
-            self._wandb.log({"loss": loss, "lr": self.lr, "tokens": self.step * self.plan.tokens_per_step,
-                             "kt/s": self.kt_per_s}, step=self.step)
+            self._wandb.log({"loss": loss, "lr": entry.lr, "tokens": entry.step * self.plan.tokens_per_step,
+                             "kt/s": self.kt_per_s}, step=entry.step)
 
     # ---- per mini-epoch ----------------------------------------------------------------------
     def _end_of_mini_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_end: bool) -> None:

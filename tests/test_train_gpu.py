@@ -58,3 +58,17 @@ def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None
     for a, b in zip(rows[1:], again):
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
+
+
+def test_step_loss_is_read_without_waiting_for_later_work() -> None:
+    """TrainingMonitor reads a step's loss one step late; the read must wait for that loss only, not
+    for the next step already queued on the stream (else the CPU could not run ahead)."""
+    from src.trainer import _StepLoss
+
+    x = torch.randn(1024, device="cuda")
+    entry = _StepLoss.start(step=1, lr=1e-3, loss=(x * x).mean())
+    expected = float((x.double() ** 2).mean())
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued after the loss
+    assert entry.value() == pytest.approx(expected, rel=1e-5)
+    assert not torch.cuda.current_stream().query(), "value() waited for work queued after the loss"
+    torch.cuda.synchronize()

@@ -251,13 +251,15 @@ class PoisonWeights(pl.Callback):
                 dict(pl_module.named_parameters())[self.name].fill_(float("nan"))
 
 
-def test_nan_loss_stops_with_the_step_and_saves_nothing_after_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("poison_at", [4, 5])
+def test_nan_loss_stops_with_the_step_and_saves_nothing_after_it(tmp_path: Path, poison_at: int) -> None:
+    """Step 5 opens mini-epoch 2 (its loss is read one step late), step 6 closes it (read at once)."""
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=4)
     train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
                 *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
-    with pytest.raises(TrainingError, match=r"loss is nan at step 6 .*nothing was saved after it"):
-        train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(5, "head.weight")])
+    with pytest.raises(TrainingError, match=rf"loss is nan at step {poison_at + 1} \(mini-epoch 2,.*nothing was saved after it"):
+        train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(poison_at, "head.weight")])
     assert {p.name for p in proj.glob("rwkv-[0-9]*")} == {"rwkv-0.pth", "rwkv-0.state.pth", "rwkv-1.pth",
                                                          "rwkv-1.state.pth"}
     assert "epoch 2" not in (proj / "train_log.txt").read_text()
