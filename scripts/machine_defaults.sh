@@ -1,6 +1,12 @@
 # Sourced by the demo-training-*.sh scripts (from the repo root) after their settings: fills in
 # PYTHON (the repo's .venv when present) and, when not set, ACCELERATOR (gpu if torch sees one, else
-# cpu) with the PRECISION/STRATEGY that suit it (CPU: fp32 + Lightning's own; GPU: bf16 + DeepSpeed).
+# cpu) with the PRECISION/STRATEGY that suit it (GPU: bf16 + DeepSpeed; CPU: Lightning's own strategy
+# and CPU_PRECISION).
+# CPU_PRECISION auto: bf16 on CPUs with AMX bf16 units (listed in $CPUINFO), where bf16 autocast trains
+# L8-D512 1.3-1.5x faster than fp32 (benchmarks/RESULTS.md); fp32 elsewhere, as bf16 matmuls without
+# AMX run slower than fp32 on most CPUs.
+CPU_PRECISION="${CPU_PRECISION:-auto}"
+CPUINFO="${CPUINFO:-/proc/cpuinfo}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -12,7 +18,15 @@ if [ -z "${ACCELERATOR:-}" ]; then
   fi
 fi
 if [ "$ACCELERATOR" = cpu ]; then
-  PRECISION="${PRECISION:-fp32}"
+  if [ -z "${PRECISION:-}" ]; then
+    case "$CPU_PRECISION" in
+      auto)
+        if grep -qw amx_bf16 "$CPUINFO" 2> /dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
+        echo "machine_defaults: CPU training in $PRECISION (bf16 when the CPU has AMX; set PRECISION to choose)" >&2 ;;
+      fp32 | bf16) PRECISION="$CPU_PRECISION" ;;
+      *) echo "machine_defaults: CPU_PRECISION=$CPU_PRECISION is not one of auto, fp32, bf16" >&2; exit 2 ;;
+    esac
+  fi
   STRATEGY="${STRATEGY:-auto}"
 else
   PRECISION="${PRECISION:-bf16}"

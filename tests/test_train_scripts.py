@@ -59,8 +59,11 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
     assert {k: v.shape for k, v in init.items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert all(v.dtype == torch.bfloat16 for v in init.values())
 
-    # pretrain: no GPU here, so the script picks cpu/fp32/auto; it starts from rwkv-init.pth
-    common = dict(M_BSZ="8", EPOCH_STEPS="4", LR_INIT="3e-3", LR_FINAL="1e-3", RANDOM_SEED="1")
+    # pretrain: no GPU here, so the script picks cpu/auto and, on a CPU without AMX, fp32; it starts
+    # from rwkv-init.pth
+    no_amx = tmp_path / "cpuinfo"
+    no_amx.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    common = dict(M_BSZ="8", EPOCH_STEPS="4", LR_INIT="3e-3", LR_FINAL="1e-3", RANDOM_SEED="1", CPUINFO=str(no_amx))
     r = run_script("demo-training-run.sh", tmp_path, PROJ_DIR=str(pt), **common,
                    **{k: pre[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME", "DATA_TYPE")})
     assert "GPU available: False" in r.stderr + r.stdout
@@ -87,3 +90,37 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
     r = run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
                    **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
     assert "nothing to train" in r.stdout and (ft / "rwkv-final.pth").read_bytes() == before
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without the settings machine_defaults.sh fills in."""
+    return {k: v for k, v in os.environ.items() if k not in ("PRECISION", "STRATEGY", "ACCELERATOR", "CPU_PRECISION")}
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"CPUINFO": "amx"}, "cpu bf16 auto"),
+    ({"CPUINFO": "plain"}, "cpu fp32 auto"),
+    ({"CPUINFO": "amx", "PRECISION": "fp32"}, "cpu fp32 auto"),
+    ({"CPUINFO": "amx", "CPU_PRECISION": "fp32"}, "cpu fp32 auto"),
+    ({"CPUINFO": "plain", "CPU_PRECISION": "bf16", "STRATEGY": "ddp"}, "cpu bf16 ddp"),
+    ({"CPUINFO": "amx", "ACCELERATOR": "gpu"}, "gpu bf16 deepspeed_stage_2"),
+])
+def test_machine_defaults(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    """The demo scripts' shared defaults: bf16 on CPUs with AMX bf16 units, fp32 on others; what the
+    user sets wins."""
+    infos = {"amx": "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n",
+             "plain": "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"}
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(infos[env["CPUINFO"]])
+    r = subprocess.run(["bash", "-c", 'source scripts/machine_defaults.sh && echo "$ACCELERATOR $PRECISION $STRATEGY"'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**_clean_env(), "PYTHON": sys.executable, "ACCELERATOR": "cpu", **env, "CPUINFO": str(cpuinfo)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == expected.split()
+
+
+def test_machine_defaults_rejects_an_unknown_cpu_precision() -> None:
+    r = subprocess.run(["bash", "-c", "source scripts/machine_defaults.sh"], cwd=REPO, capture_output=True, text=True,
+                       env={**_clean_env(), "PYTHON": sys.executable, "ACCELERATOR": "cpu", "CPU_PRECISION": "fp16"},
+                       timeout=120)
+    assert r.returncode == 2 and "CPU_PRECISION=fp16 is not one of auto, fp32, bf16" in r.stderr
