@@ -4,7 +4,7 @@
 # DATA_FILE/MY_EXIT_TOKENS/MAGIC_PRIME: what `python3 data/make_data.py FILE.jsonl N_EPOCH CTX_LEN` printed
 # (defaults: MiniMind's pretrain_hq.jsonl at ctx 512). Every setting can be overridden from the environment:
 #   DATA_FILE=data/pretrain MY_EXIT_TOKENS=... MAGIC_PRIME=... bash demo-training-run.sh
-# With a GPU: bf16 + DeepSpeed ZeRO-2; without one: CPU, fp32, one process. Multi-GPU: GPU_PER_NODE=8;
+# With a GPU: bf16 + DeepSpeed ZeRO-2; without one: CPU (bf16 with AMX, else fp32), one process. Multi-GPU: GPU_PER_NODE=8;
 # multi-node: N_NODE=2 plus MASTER_ADDR, MASTER_PORT and NODE_RANK on every node (Lightning reads them).
 # Paths are relative to this folder (the script changes into it). Extra arguments go to train.py.
 set -euo pipefail

@@ -3,8 +3,8 @@
 # cpu) with the PRECISION/STRATEGY that suit it (GPU: bf16 + DeepSpeed; CPU: Lightning's own strategy
 # and CPU_PRECISION).
 # CPU_PRECISION auto: bf16 on CPUs with AMX bf16 units (listed in $CPUINFO), where bf16 autocast trains
-# L8-D512 1.3-1.5x faster than fp32 (benchmarks/RESULTS.md); fp32 elsewhere, as bf16 matmuls without
-# AMX run slower than fp32 on most CPUs.
+# L8-D512 1.3-1.5x faster than fp32 (benchmarks/RESULTS.md); fp32 elsewhere (on CPUs without bf16
+# instructions bf16 is emulated and slower; AVX512-BF16 without AMX is not measured: try CPU_PRECISION=bf16).
 CPU_PRECISION="${CPU_PRECISION:-auto}"
 CPUINFO="${CPUINFO:-/proc/cpuinfo}"
 if [ -z "${PYTHON:-}" ]; then
