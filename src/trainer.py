@@ -209,7 +209,7 @@ class _EpochStats:
 
 
 @dataclass
-class _StepLoss:
+class StepLoss:
     """A step's rank-mean loss on its way to the host: read with `value()`, which on CUDA waits only
     for that step's copy (an event), not for work queued after it."""
     step: int
@@ -219,7 +219,7 @@ class _StepLoss:
     copied: torch.cuda.Event | None = None
 
     @classmethod
-    def start(cls, step: int, lr: float, loss: torch.Tensor) -> _StepLoss:
+    def start(cls, step: int, lr: float, loss: torch.Tensor) -> StepLoss:
         ended = time.time()
         loss = loss.detach().float()
         if loss.device.type != "cuda":
@@ -254,7 +254,7 @@ class TrainingMonitor(pl.Callback):
         self.run_steps = 0
         self.kt_per_s = 0.0
         self._last_time = 0.0
-        self._pending: _StepLoss | None = None  # the newest step's loss, not read yet
+        self._pending: StepLoss | None = None  # the newest step's loss, not read yet
         self._wandb: Any = None
 
     # ---- paths -------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class TrainingMonitor(pl.Callback):
         self.step += 1
         self.warm_step += 1
         self.run_steps += 1
-        previous, self._pending = self._pending, _StepLoss.start(self.step, self.lr, loss_t)
+        previous, self._pending = self._pending, StepLoss.start(self.step, self.lr, loss_t)
         if previous is not None:
             self._track(trainer, pl_module, previous)
         at_end = self.step >= self.plan.total_steps
@@ -313,7 +313,7 @@ class TrainingMonitor(pl.Callback):
             pending, self._pending = self._pending, None
             self._track(trainer, pl_module, pending, show)
 
-    def _track(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: _StepLoss,
+    def _track(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: StepLoss,
                show: bool = True) -> None:
         loss = entry.value()
         if not math.isfinite(loss):

@@ -63,10 +63,10 @@ def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None
 def test_step_loss_is_read_without_waiting_for_later_work() -> None:
     """TrainingMonitor reads a step's loss one step late; the read must wait for that loss only, not
     for the next step already queued on the stream (else the CPU could not run ahead)."""
-    from src.trainer import _StepLoss
+    from src.trainer import StepLoss
 
     x = torch.randn(1024, device="cuda")
-    entry = _StepLoss.start(step=1, lr=1e-3, loss=(x * x).mean())
+    entry = StepLoss.start(step=1, lr=1e-3, loss=(x * x).mean())
     expected = float((x.double() ** 2).mean())
     torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued after the loss
     assert entry.value() == pytest.approx(expected, rel=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.trainer import (RunPlan, Schedule, TrainingMonitor, find_resume_checkpoint, load_resume_state,
+from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, find_resume_checkpoint, load_resume_state,
                          plot_train_log, read_train_log, save_atomic, state_path)
 
 
@@ -105,7 +105,7 @@ def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
         for loss in losses:
             monitor.step += 1
             monitor.run_steps += 1
-            monitor._track(None, module, loss)
+            monitor._track(None, module, StepLoss.start(monitor.step, 0.0, torch.tensor(loss)))
     spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
     ema = losses[0]
     for loss in losses[1:150]:
