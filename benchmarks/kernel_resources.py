@@ -3,9 +3,10 @@
     python -m benchmarks.kernel_resources                  # every compiler found, head size 64
     python -m benchmarks.kernel_resources --head_size 128
 
-For each kernel (forward/backward x bf16/fp16/fp32) and target: registers per thread and the bytes
-spilled to local/scratch memory per thread, which the backstepping design wants at zero (the state
-row lives in registers; a spill costs memory traffic in every time step).
+For each kernel (forward/backward x bf16/fp16/fp32) and target: registers per thread, the per-thread
+stack/scratch memory (ptxas "bytes stack frame", AMD "ScratchSize" per lane: the same measure) and
+what spilled (ptxas: bytes of spill stores/loads; AMD: VGPRs spilled). The backstepping design wants
+no spills (the state row lives in registers; a spill costs memory traffic in every time step).
 - NVIDIA: nvcc with the flags torch's build adds and kernel.py's, `-Xptxas -v` (sm_80 A100, sm_90 H100).
 - AMD: torch's hipify of cuda/wkv7_cuda.cu, then hipcc with the flags torch's ROCm build adds and
   kernel.py's, `-Rpass-analysis=kernel-resource-usage` (gfx90a MI200, gfx1030 RDNA2). On HIP older
@@ -41,8 +42,11 @@ def _kernel_label(mangled: str) -> str:
     return f"{m.group(1)} {ELEMS.get(m.group(2), m.group(2))}" if m else mangled
 
 
-def nvcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, int]]:
-    """(compiler, target, kernel, registers, spill bytes = stores + loads) from ptxas -v."""
+Row = tuple[str, str, str, int, int, str]  # compiler, target, kernel, registers, stack bytes, spilled
+
+
+def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
+    """Rows from ptxas -v."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in NV_ARCHS]
@@ -51,22 +55,22 @@ def nvcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, i
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{res.stderr[-3000:]}")
     version = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
-    rows, name, arch, spill = [], "", "", 0
+    rows, name, arch, stack, spill = [], "", "", 0, ""
     for line in res.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
             name, arch = m.group(1), m.group(2)
-        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
-            spill = int(m.group(1)) + int(m.group(2))
+        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            stack, spill = int(m.group(1)), f"st {m.group(2)} B / ld {m.group(3)} B"
         elif (m := re.search(r"Used (\d+) registers", line)) and name:
             rows.append((f"nvcc {version.group(1) if version else '?'}", f"sm_{arch}", _kernel_label(name),
-                         int(m.group(1)), spill))
+                         int(m.group(1)), stack, spill))
             name = ""
     return rows
 
 
-def hipcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, int]]:
-    """(compiler, target, kernel, VGPRs + AGPRs, scratch bytes per lane) from hipcc's remarks, one
-    target at a time (the remarks do not name the target)."""
+def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
+    """Rows from hipcc's remarks (registers = VGPRs + AGPRs), one target at a time (the remarks do
+    not name the target)."""
     from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
     from torch.utils.hipify import hipify_python
 
@@ -79,7 +83,9 @@ def hipcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, 
                                       show_detailed=False, show_progress=False)
     hip_cu = result[str(build / CU.name)].hipified_path
     env = {**os.environ, "HIP_PLATFORM": "amd"}  # Debian's hipcc would pick nvcc when it is on PATH
-    probe = subprocess.run(["hipcc", "-x", "hip", "-E", "-o", os.devnull, "-"], input="#include <hip/hip_bf16.h>\n",
+    probe_file = build / "probe.hip"  # hipcc wants a file (not stdin) and a target, or it asks the GPU
+    probe_file.write_text("#include <hip/hip_bf16.h>\n")
+    probe = subprocess.run(["hipcc", f"--offload-arch={AMD_ARCHS[0]}", "-E", "-o", os.devnull, str(probe_file)],
                            capture_output=True, text=True, env=env)
     compat = [] if probe.returncode == 0 else [f"-I{HIP_COMPAT}"]
     version = re.search(r"clang version ([\d.]+)",
@@ -94,17 +100,18 @@ def hipcc_rows(defines: list[str], tmp: Path) -> list[tuple[str, str, str, int, 
             raise RuntimeError(f"hipcc failed for {arch}:\n{res.stderr[-3000:]}")
         cur: dict[str, str] = {}
         for line in res.stderr.splitlines() + ["remark: Function Name: <end>"]:
-            m = re.search(r"remark:\s+(Function Name|VGPRs|AGPRs|ScratchSize \[bytes/lane\]): (\S+)", line)
+            m = re.search(r"remark:\s+(Function Name|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|VGPRs Spill): (\S+)", line)
             if not m:
                 continue
             if m.group(1) == "Function Name":
                 if cur:
                     regs = int(cur.get("VGPRs", 0)) + int(cur.get("AGPRs", 0))
                     rows.append((f"hip clang {version.group(1) if version else '?'}", arch, _kernel_label(cur["name"]),
-                                 regs, int(cur.get("ScratchSize", 0))))
+                                 regs, int(cur.get("ScratchSize", 0)), f"{cur.get('VGPRs Spill', '0')} VGPRs"))
                 cur = {"name": m.group(2)}
             else:
-                cur[m.group(1).split()[0]] = m.group(2)
+                key = m.group(1)
+                cur[key if key == "VGPRs Spill" else key.split()[0]] = m.group(2)
     return rows
 
 
@@ -123,10 +130,10 @@ def main() -> None:
             else:
                 missing.append(tool)
     print(f"WKV7 kernel resources, head size {args.head_size}, chunk {K.CHUNK_LEN}")
-    print(f"| {'compiler':<16} | {'target':<8} | {'kernel':<13} | {'regs/thread':>11} | {'spill B/thread':>14} |")
-    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 15}|{'-' * 13}|{'-' * 16}|")
-    for comp, target, kern, regs, spill in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
-        print(f"| {comp:<16} | {target:<8} | {kern:<13} | {regs:>11} | {spill:>14} |")
+    print(f"| {'compiler':<16} | {'target':<8} | {'kernel':<13} | {'regs/thread':>11} | {'stack/scratch B':>15} | {'spilled':<19} |")
+    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 15}|{'-' * 13}|{'-' * 17}|{'-' * 21}|")
+    for comp, target, kern, regs, stack, spill in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
+        print(f"| {comp:<16} | {target:<8} | {kern:<13} | {regs:>11} | {stack:>15} | {spill:<19} |")
     for tool in missing:
         print(f"({tool} not found: its rows are missing)")
 

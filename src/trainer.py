@@ -32,10 +32,11 @@ Files written into proj_dir (rank 0 writes; every file via a temporary name and 
 
 Bad numbers: the loss (averaged over ranks) is checked at every step; NaN/inf stops training with a
 TrainingError naming the step (no file is written after it), and before every save the weights are
-checked too. On a GPU a step's loss is read one step later (copied to the host without a sync), so
-that reading it never stalls the CPU from queueing the next step; before any checkpoint or log line
-the newest loss is read at once. A loss above SPIKE_RATIO times its running mean is a spike: a warning with the step,
-counted in the mini-epoch's log line.
+checked too. A step's loss is read one step later (on a GPU through a pinned host copy and an
+event; the rank mean by a plain all_reduce, as Lightning's reduce adds a barrier that blocks the CPU),
+so that reading it never stops the CPU from queueing the next step; before any checkpoint or log line
+the newest loss is read at once. Every device takes the same path. A loss above SPIKE_RATIO times its
+running mean is a spike: a warning with the step, counted in the mini-epoch's log line.
 """
 from __future__ import annotations
 
@@ -212,28 +213,44 @@ class _EpochStats:
 class StepLoss:
     """A step's rank-mean loss on its way to the host: read with `value()`, which on CUDA waits only
     for that step's copy (an event), not for work queued after it."""
-    step: int
+    step: int      # optimizer steps since the start of training
+    run_step: int  # steps of this run (1 = its first, which includes compiling and warm-up)
     lr: float
-    ended: float  # time.time() when the step's batch ended (on the CPU)
+    ended: float   # time.time() when the step's batch ended (on the CPU)
     loss: torch.Tensor
     copied: torch.cuda.Event | None = None
 
     @classmethod
-    def start(cls, step: int, lr: float, loss: torch.Tensor) -> StepLoss:
+    def start(cls, step: int, run_step: int, lr: float, loss: torch.Tensor) -> StepLoss:
         ended = time.time()
         loss = loss.detach().float()
         if loss.device.type != "cuda":
-            return cls(step, lr, ended, loss)
+            return cls(step, run_step, lr, ended, loss)
         host = torch.empty((), dtype=torch.float32, pin_memory=True)
-        host.copy_(loss, non_blocking=True)
+        host.copy_(loss, non_blocking=True)  # on loss.device's current stream
         event = torch.cuda.Event()
-        event.record()
-        return cls(step, lr, ended, host, event)
+        event.record(torch.cuda.current_stream(loss.device))
+        return cls(step, run_step, lr, ended, host, event)
 
     def value(self) -> float:
         if self.copied is not None:
             self.copied.synchronize()
         return float(self.loss)
+
+
+def _rank_mean(t: Tensor) -> Tensor:
+    """Mean of a tensor over all ranks (itself when there is one). A plain all_reduce: on NCCL it
+    only orders GPU streams, while Lightning's strategy.reduce first calls a barrier, which makes the
+    CPU wait for the GPU every step."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    if dist.get_backend() == "gloo":  # gloo has no AVG
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / dist.get_world_size()
+    dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t
 
 
 class TrainingMonitor(pl.Callback):
@@ -288,11 +305,11 @@ class TrainingMonitor(pl.Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         loss_t = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         # Mean over ranks: every rank sees the same number, so all decide (stop, save) alike.
-        loss_t = trainer.strategy.reduce(loss_t.detach().float(), reduce_op="mean")
+        loss_t = _rank_mean(loss_t.detach().float())
         self.step += 1
         self.warm_step += 1
         self.run_steps += 1
-        previous, self._pending = self._pending, StepLoss.start(self.step, self.lr, loss_t)
+        previous, self._pending = self._pending, StepLoss.start(self.step, self.run_steps, self.lr, loss_t)
         if previous is not None:
             self._track(trainer, pl_module, previous)
         at_end = self.step >= self.plan.total_steps
@@ -324,10 +341,10 @@ class TrainingMonitor(pl.Callback):
         rate = self.plan.tokens_per_step / max(entry.ended - self._last_time, 1e-9) / 1000
         self._last_time = entry.ended
         # The first step of a run includes compilation and warm-up of the data pipeline.
-        self.kt_per_s = rate if self.run_steps <= 2 else 0.9 * self.kt_per_s + 0.1 * rate
+        self.kt_per_s = rate if entry.run_step <= 2 else 0.9 * self.kt_per_s + 0.1 * rate
         self.epoch.loss_sum += loss
         self.epoch.steps += 1
-        if self.loss_ema is not None and self.run_steps > SPIKE_MIN_STEPS and loss > SPIKE_RATIO * self.loss_ema:
+        if self.loss_ema is not None and entry.run_step > SPIKE_MIN_STEPS and loss > SPIKE_RATIO * self.loss_ema:
             self.epoch.spikes += 1
             rank_zero_warn(f"loss spike at step {entry.step}: {loss:.4f} vs running mean {self.loss_ema:.4f} "
                            f"(lr {entry.lr:.3e})")

@@ -66,7 +66,7 @@ def test_step_loss_is_read_without_waiting_for_later_work() -> None:
     from src.trainer import StepLoss
 
     x = torch.randn(1024, device="cuda")
-    entry = StepLoss.start(step=1, lr=1e-3, loss=(x * x).mean())
+    entry = StepLoss.start(step=1, run_step=1, lr=1e-3, loss=(x * x).mean())
     expected = float((x.double() ** 2).mean())
     torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued after the loss
     assert entry.value() == pytest.approx(expected, rel=1e-5)

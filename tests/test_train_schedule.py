@@ -105,7 +105,7 @@ def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
         for loss in losses:
             monitor.step += 1
             monitor.run_steps += 1
-            monitor._track(None, module, StepLoss.start(monitor.step, 0.0, torch.tensor(loss)))
+            monitor._track(None, module, StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
     spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
     ema = losses[0]
     for loss in losses[1:150]:

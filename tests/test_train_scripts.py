@@ -76,7 +76,7 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
 
     # SFT: PRETRAIN_DIR's rwkv-final.pth is the default LOAD_MODEL; PROJ_DIR defaults to PRETRAIN_DIR-sft
     run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
-               LR_INIT="1e-3", LR_FINAL="1e-3", RANDOM_SEED="1",
+               LR_INIT="1e-3", LR_FINAL="1e-3", RANDOM_SEED="1", CPUINFO=str(no_amx),
                **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
     log = (ft / "train_log.txt").read_text()
     assert f"from {pt / 'rwkv-final.pth'} (weights only: a new start" in log and "data_type = sft" in log
@@ -88,7 +88,7 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
     # rerunning the finished SFT command trains nothing more and keeps the result
     before = (ft / "rwkv-final.pth").read_bytes()
     r = run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
-                   **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
+                   CPUINFO=str(no_amx), **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
     assert "nothing to train" in r.stdout and (ft / "rwkv-final.pth").read_bytes() == before
 
 
