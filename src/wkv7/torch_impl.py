@@ -79,16 +79,18 @@ def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s
     C = (T + pad) // L
 
     def chunks(t: Tensor) -> Tensor:                                        # (B,T,H,N) -> (B,H,C,L,N)
-        return t.view(B, C, L, H, N).permute(0, 3, 1, 2, 4)
+        return t.view(B, C, L, H, N).permute(0, 3, 1, 2, 4).contiguous()
 
     r, logd, k, v, a, b = (chunks(t) for t in (r, logd, k, v, a, b))
     lg = torch.cumsum(logd, dim=-2)                                         # log G_t, inclusive
     lg_last = lg[..., -1:, :]                                               # log G_L  (B,H,C,1,N)
-    a_dec = a * torch.exp(lg - logd)                                        # a~ = a G_{t-1}
-    r_dec = r * torch.exp(lg)                                               # r~ = r G_t
-    inv_g = torch.exp(-lg)
+    # One exp for all decay factors: G_{t-1} is G shifted by one step, 1/G and G_L / G from G.
+    g = torch.exp(lg)                                                       # G_t  (B,H,C,L,N)
+    g_prev = F.pad(g[..., :-1, :], (0, 0, 1, 0), value=1.0)                 # G_{t-1}, G_0 = 1
+    inv_g = 1.0 / g
+    a_dec, r_dec = a * g_prev, r * g                                        # a~ = a G_{t-1}, r~ = r G_t
     b_hat, k_hat = b * inv_g, k * inv_g                                     # b / G_s, k / G_s
-    to_end = torch.exp(lg_last - lg)                                        # G_L / G_s <= 1
+    to_end = g[..., -1:, :] * inv_g                                         # G_L / G_s <= 1
     b_end, k_end = b * to_end, k * to_end
 
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
@@ -111,10 +113,12 @@ def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s
     Trans = torch.diag_embed(torch.exp(lg_last.squeeze(-2))) + Pt @ b_end    # (B,H,C,N,N)
     Add = W0.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end         # (B,H,C,N,N)
 
+    # unbind, not Trans[:, :, c]: the backward of each index would zero-fill a whole (B,H,C,N,N)
+    # gradient and add into it (C times), the backward of unbind stacks the C pieces once.
     starts = []
-    for c in range(C):                                                      # the only sequential part
+    for trans, add in zip(Trans.unbind(2), Add.unbind(2)):                 # the only sequential part
         starts.append(S)
-        S = S @ Trans[:, :, c] + Add[:, :, c]
+        S = S @ trans + add
     S0 = torch.stack(starts, dim=2)                                         # (B,H,C,N,N)
     y = R_eff @ S0.transpose(-1, -2) + Y0                                   # (B,H,C,L,N)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T]
