@@ -1,4 +1,4 @@
-"""--compile 1: the compiled time/channel mixes train the same model as eager ones (CPU).
+"""--compile 1: the compiled time/channel mixes and chunked WKV7 train the same model as eager ones (CPU).
 
 Compilation of the tiny model takes ~30-60 s on a 2-core machine; the speed gain is measured in
 benchmarks/bench_train.py, not here.
@@ -49,7 +49,8 @@ def test_compiled_model_trains_like_eager(tmp_path: Path) -> None:
 
 def test_compiled_model_keeps_state_dict_and_outputs() -> None:
     """ModelConfig(compile=1): same keys, same logits as eager (float64 check), and the layers share
-    their compiled graphs (two variants of the time-mix projection, one readout, one channel mix)."""
+    their compiled graphs (two variants of the time-mix projection, one readout, one channel mix,
+    one chunked WKV7)."""
     torch.manual_seed(0)
     cfg = dict(n_layer=3, n_embd=64, head_size=32, vocab_size=97, ctx_len=32)
     eager = RWKV(ModelConfig(**cfg)).double()
@@ -61,7 +62,7 @@ def test_compiled_model_keeps_state_dict_and_outputs() -> None:
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         assert torch.allclose(comp(x), eager(x), rtol=1e-9, atol=1e-9)
-    assert 0 < counters["stats"]["unique_graphs"] - graphs <= 4   # compiled, not once per layer
+    assert 0 < counters["stats"]["unique_graphs"] - graphs <= 5   # compiled, not once per layer
 
 
 def test_compile_flag_checks_for_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:

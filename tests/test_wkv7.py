@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -42,8 +43,14 @@ def test_chunked_forward_and_state_match_reference(T: int, chunk_len: int) -> No
     assert rel_err(s, s_ref) < 1e-12
 
 
-def test_chunked_gradients_match_reference() -> None:
-    """All six input gradients and the state gradient, through y and the final state."""
+@pytest.mark.parametrize("compiled", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                                reason="torch.compile on CPU needs a C++ compiler")),
+])
+def test_chunked_gradients_match_reference(compiled: bool) -> None:
+    """All six input gradients and the state gradient, through y and the final state; also through
+    torch.compile (--compile 1), with T not a multiple of the chunk length."""
     ins = random_inputs(2, 40, 2, 8, seed=1)
     s0 = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     gy = torch.randn(2, 40, 2, 8, dtype=torch.float64)
@@ -56,7 +63,7 @@ def test_chunked_gradients_match_reference() -> None:
         return [t.grad for t in leaves]
 
     ref = grads(wkv7_sequential)
-    got = grads(lambda *a, state: wkv7_chunked(*a, state=state, chunk_len=16))
+    got = grads(lambda *a, state: wkv7_chunked(*a, state=state, chunk_len=16, compiled=compiled))
     for name, g, gr in zip(["r", "w", "k", "v", "a", "b", "state"], got, ref):
         assert rel_err(g, gr) < 1e-10, name
 
