@@ -37,7 +37,7 @@ class ModelConfig:
     ctx_len: int = 512
     grad_cp: int = 0            # 1: recompute each block in backward (less memory, ~30% slower)
     wkv_impl: str = "auto"      # auto | cuda | torch (see src.wkv7)
-    compile: int = 0            # 1: torch.compile the time/channel mixes and the PyTorch WKV7 (compiles on first step)
+    compile: int = 0            # 1: torch.compile the time/channel mixes and the PyTorch WKV7 (compiles on first step; for fixed shapes, i.e. training)
     lr_init: float = 6e-4
     lr_final: float = 2e-5
     warmup_steps: int = 10

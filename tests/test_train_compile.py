@@ -47,7 +47,7 @@ def test_compiled_model_trains_like_eager(tmp_path: Path) -> None:
     assert worst < 1e-3 * moved + 1e-6, (worst, moved)
 
 
-def test_compiled_model_keeps_state_dict_and_outputs() -> None:
+def test_compiled_model_keeps_state_dict_and_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """ModelConfig(compile=1): same keys, same logits as eager (float64 check), and the layers share
     their compiled graphs (two variants of the time-mix projection, one readout, one channel mix,
     one chunked WKV7)."""
@@ -59,9 +59,14 @@ def test_compiled_model_keeps_state_dict_and_outputs() -> None:
     assert list(comp.state_dict()) == list(eager.state_dict())
     x = torch.randint(0, 97, (2, 32))
     from torch._dynamo.utils import counters
+    import src.wkv7.torch_impl as torch_impl
+    calls = []
+    compiled_wkv = torch_impl._chunked_compiled
+    monkeypatch.setattr(torch_impl, "_chunked_compiled", lambda *a: calls.append(a[0].dtype) or compiled_wkv(*a))
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         assert torch.allclose(comp(x), eager(x), rtol=1e-9, atol=1e-9)
+    assert calls == [torch.float64] * 3                            # every layer's WKV7 went the compiled way
     assert 0 < counters["stats"]["unique_graphs"] - graphs <= 5   # compiled, not once per layer
 
 

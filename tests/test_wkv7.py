@@ -68,6 +68,26 @@ def test_chunked_gradients_match_reference(compiled: bool) -> None:
         assert rel_err(g, gr) < 1e-10, name
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("T,with_state", [(40, False), (1, True)])
+def test_compiled_wkv7_matches_eager_in_float32(T: int, with_state: bool) -> None:
+    """wkv7(..., compiled=True) as --compile 1 calls it: float32 outputs and gradients agree with the
+    eager chunked path to float32 rounding (the float64 test above checks the algebra)."""
+    ins = [t.float() for t in random_inputs(1, T, 2, 16, seed=T)]
+    s0 = torch.randn(1, 2, 16, 16) if with_state else None
+    gy = torch.randn(1, T, 2, 16)
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in ins]
+        y, s = wkv7(*leaves, state=s0, impl="torch", compiled=compiled)
+        ((y * gy).sum() + s.square().sum()).backward()
+        return [y, s] + [t.grad for t in leaves]
+
+    for got, ref in zip(run(True), run(False)):
+        assert rel_err(got, ref) < 1e-5
+
+
 def test_reference_is_the_spec_recurrence() -> None:
     """Elementwise SPEC formula, written out with explicit loops on a tiny case."""
     r, w, k, v, a, b = (t[0, :, 0] for t in random_inputs(1, 4, 1, 3, seed=2))  # (T,N)

@@ -129,5 +129,9 @@ def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s
 # For compiled=True. Compiled only with autocast off and float32/64 inputs (wkv7_chunked sees to it):
 # compiled inside bf16 autocast, inductor's CPU backward once gave NaN gradients (torch 2.13).
 # dynamic=False: one static graph per input shape (training has one); after a second shape dynamo
-# would otherwise switch to a symbolic-shape graph, which took minutes to compile here.
-_chunked_compiled = torch.compile(_chunked, dynamic=False)
+# would otherwise switch to a symbolic-shape graph, which took minutes to compile here. So it suits
+# fixed shapes only: past dynamo's recompile limit (8 shapes) it runs eagerly, with a warning.
+# The chunk hand-off loop is unrolled, so compiling takes longer for longer sequences (~25 s at
+# T=256, ~40 s at T=1024 on 2 cores). fullgraph=True: a graph break fails loudly instead of
+# silently running parts eagerly.
+_chunked_compiled = torch.compile(_chunked, dynamic=False, fullgraph=True)
