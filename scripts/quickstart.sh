@@ -18,7 +18,7 @@ PRETRAIN_LR="${PRETRAIN_LR:-2e-3}"          # a tiny model wants a larger lr tha
 SFT_LR="${SFT_LR:-1e-3}"
 EPOCH_STEPS="${EPOCH_STEPS:-50}"            # small mini-epochs: a log line and checkpoint every 50 steps
 THREADS="${THREADS:-$(nproc)}"
-PROMPT="${PROMPT:-Reverse these words: cat moon tree}"
+PROMPT="${PROMPT:-Reverse the order: cat moon tree}"   # phrased like the sample's reverse task
 SKIP_SETUP="${SKIP_SETUP:-0}"               # 1: use $VENV_DIR as it is (tests)
 CPU_PRECISION="${CPU_PRECISION:-fp32}"      # on CPU; this tiny model gains nothing from bf16 (GPU: bf16)
 
