@@ -84,14 +84,14 @@ def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s
 
     r, logd, k, v, a, b = (chunks(t) for t in (r, logd, k, v, a, b))
     lg = torch.cumsum(logd, dim=-2)                                         # log G_t, inclusive
-    lg_last = lg[..., -1:, :]                                               # log G_L  (B,H,C,1,N)
     # One exp for all decay factors: G_{t-1} is G shifted by one step, 1/G and G_L / G from G.
     g = torch.exp(lg)                                                       # G_t  (B,H,C,L,N)
+    g_last = g[..., -1:, :]                                                 # G_L  (B,H,C,1,N)
     g_prev = F.pad(g[..., :-1, :], (0, 0, 1, 0), value=1.0)                 # G_{t-1}, G_0 = 1
     inv_g = 1.0 / g
     a_dec, r_dec = a * g_prev, r * g                                        # a~ = a G_{t-1}, r~ = r G_t
     b_hat, k_hat = b * inv_g, k * inv_g                                     # b / G_s, k / G_s
-    to_end = g[..., -1:, :] * inv_g                                         # G_L / G_s <= 1
+    to_end = g_last * inv_g                                                 # G_L / G_s <= 1
     b_end, k_end = b * to_end, k * to_end
 
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
@@ -111,7 +111,7 @@ def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s
     Y0 = Qb @ W0 + Qk @ v                                                   # (B,H,C,L,N)
     # Chunk hand-off S_L = S_0 @ Trans + Add, with Trans = diag(G_L) + P^T B', Add = W0^T B' + V^T K'.
     Pt = P.transpose(-1, -2)
-    Trans = torch.diag_embed(torch.exp(lg_last.squeeze(-2))) + Pt @ b_end    # (B,H,C,N,N)
+    Trans = torch.diag_embed(g_last.squeeze(-2)) + Pt @ b_end                # (B,H,C,N,N)
     Add = W0.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end         # (B,H,C,N,N)
 
     # unbind, not Trans[:, :, c]: the backward of each index would zero-fill a whole (B,H,C,N,N)
