@@ -68,6 +68,37 @@ def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     return rows
 
 
+def hipcc(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """hipcc for AMD GPUs: Debian's hipcc picks the NVIDIA platform when nvcc is on PATH."""
+    return subprocess.run(["hipcc", *args], capture_output=True, text=True,
+                          env={**os.environ, "HIP_PLATFORM": "amd"}, **kw)
+
+
+def hip_header_found(header: str, tmp: Path) -> bool:
+    probe = tmp / "probe.hip"  # hipcc wants a file (not stdin) and a target, or it asks the GPU
+    probe.write_text(f"#include <{header}>\n")
+    return hipcc([f"--offload-arch={AMD_ARCHS[0]}", "-E", "-o", os.devnull, str(probe)]).returncode == 0
+
+
+def hip_compat_flags(tmp: Path) -> list[str]:
+    """-I for tests/hip_compat when this HIP install lacks <hip/hip_bf16.h> (ROCm < 5.7)."""
+    return [] if hip_header_found("hip/hip_bf16.h", tmp) else [f"-I{HIP_COMPAT}"]
+
+
+def hip_remarks(log: str) -> list[dict[str, str]]:
+    """hipcc's -Rpass-analysis=kernel-resource-usage remarks, one dict per kernel in order: "name",
+    and "VGPRs", "AGPRs", "ScratchSize", "VGPRs Spill" where reported."""
+    kernels: list[dict[str, str]] = []
+    for line in log.splitlines():
+        m = re.search(r"remark:\s+(Function Name|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|VGPRs Spill): (\S+)", line)
+        if m and m.group(1) == "Function Name":
+            kernels.append({"name": m.group(2)})
+        elif m and kernels:
+            key = m.group(1)
+            kernels[-1][key if key == "VGPRs Spill" else key.split()[0]] = m.group(2)
+    return kernels
+
+
 def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     """Rows from hipcc's remarks (registers = VGPRs + AGPRs), one target at a time (the remarks do
     not name the target)."""
@@ -82,36 +113,19 @@ def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
                                       extra_files=[str(build / CU.name)], is_pytorch_extension=True,
                                       show_detailed=False, show_progress=False)
     hip_cu = result[str(build / CU.name)].hipified_path
-    env = {**os.environ, "HIP_PLATFORM": "amd"}  # Debian's hipcc would pick nvcc when it is on PATH
-    probe_file = build / "probe.hip"  # hipcc wants a file (not stdin) and a target, or it asks the GPU
-    probe_file.write_text("#include <hip/hip_bf16.h>\n")
-    probe = subprocess.run(["hipcc", f"--offload-arch={AMD_ARCHS[0]}", "-E", "-o", os.devnull, str(probe_file)],
-                           capture_output=True, text=True, env=env)
-    compat = [] if probe.returncode == 0 else [f"-I{HIP_COMPAT}"]
-    version = re.search(r"clang version ([\d.]+)",
-                        subprocess.run(["hipcc", "--version"], capture_output=True, text=True, env=env).stdout)
+    compat = hip_compat_flags(build)
+    version = re.search(r"clang version ([\d.]+)", hipcc(["--version"]).stdout)
     rows = []
     for arch in AMD_ARCHS:
-        res = subprocess.run(["hipcc", "-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS,
-                              *defines, *compat, "-fno-gpu-rdc", f"--offload-arch={arch}",
-                              "-Rpass-analysis=kernel-resource-usage", hip_cu, "-o", str(tmp / f"{arch}.o")],
-                             capture_output=True, text=True, env=env)
+        res = hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *defines, *compat,
+                     "-fno-gpu-rdc", f"--offload-arch={arch}", "-Rpass-analysis=kernel-resource-usage", hip_cu,
+                     "-o", str(tmp / f"{arch}.o")])
         if res.returncode != 0:
             raise RuntimeError(f"hipcc failed for {arch}:\n{res.stderr[-3000:]}")
-        cur: dict[str, str] = {}
-        for line in res.stderr.splitlines() + ["remark: Function Name: <end>"]:
-            m = re.search(r"remark:\s+(Function Name|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|VGPRs Spill): (\S+)", line)
-            if not m:
-                continue
-            if m.group(1) == "Function Name":
-                if cur:
-                    regs = int(cur.get("VGPRs", 0)) + int(cur.get("AGPRs", 0))
-                    rows.append((f"hip clang {version.group(1) if version else '?'}", arch, _kernel_label(cur["name"]),
-                                 regs, int(cur.get("ScratchSize", 0)), f"{cur.get('VGPRs Spill', '0')} VGPRs"))
-                cur = {"name": m.group(2)}
-            else:
-                key = m.group(1)
-                cur[key if key == "VGPRs Spill" else key.split()[0]] = m.group(2)
+        for k in hip_remarks(res.stderr):
+            rows.append((f"hip clang {version.group(1) if version else '?'}", arch, _kernel_label(k["name"]),
+                         int(k.get("VGPRs", 0)) + int(k.get("AGPRs", 0)), int(k.get("ScratchSize", 0)),
+                         f"{k.get('VGPRs Spill', '0')} VGPRs"))
     return rows
 
 

@@ -518,55 +518,34 @@ def test_hipify_converts_the_kernel(hipified) -> None:
     assert code(hip_op.read_text()) == code(OP.read_text())
 
 
-HIPCC = shutil.which("hipcc")
-HIP_COMPAT = Path(__file__).resolve().parent / "hip_compat"  # <hip/hip_bf16.h> for ROCm < 5.7 only
-HIP_ARCHS = ("gfx90a", "gfx1030")  # MI200 (64-wide wavefronts) and RDNA2 (32-wide: a block is 2 waves)
-
-
-def _hipcc(args: list[str], **kw) -> subprocess.CompletedProcess:
-    # Debian's hipcc picks the NVIDIA platform when nvcc is on PATH (as here); the ROCm build is wanted.
-    env = {**os.environ, "HIP_PLATFORM": "amd"}
-    return subprocess.run([HIPCC, *args], capture_output=True, text=True, env=env, **kw)
-
-
-def _hip_header_found(header: str, tmp: Path) -> bool:
-    probe = tmp / "probe.hip"  # hipcc wants a file (not stdin) and a target, or it asks the (absent) GPU
-    probe.write_text(f"#include <{header}>\n")
-    return _hipcc([f"--offload-arch={HIP_ARCHS[0]}", "-E", "-o", os.devnull, str(probe)]).returncode == 0
-
-
-@pytest.mark.skipif(HIPCC is None, reason="hipcc not found (Debian/Ubuntu: apt-get install hipcc libamdhip64-dev rocm-device-libs)")
+@pytest.mark.skipif(shutil.which("hipcc") is None,
+                    reason="hipcc not found (Debian/Ubuntu: apt-get install hipcc libamdhip64-dev rocm-device-libs)")
 def test_hipcc_compiles_the_hipified_kernel(hipified, op_object, tmp_path) -> None:
     """The hipified kernel builds with a real HIP compiler, with the flags torch's ROCm build adds and
-    kernel.py's hipcc flags, for a 64-wide and a 32-wide AMD GPU: every kernel for every element type,
-    host launchers with the signatures the binding calls, and a forward that keeps its state row in
-    registers (no scratch), as on NVIDIA."""
+    kernel.py's hipcc flags, for a 64-wide (gfx90a) and a 32-wide (gfx1030: a block is 2 waves) AMD
+    GPU: every kernel for every element type, host launchers with the signatures the binding calls,
+    and a forward that keeps its state row in registers (no scratch), as on NVIDIA.
+    benchmarks/kernel_resources.py tabulates the same remarks."""
     from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
 
+    from benchmarks.kernel_resources import AMD_ARCHS, hip_compat_flags, hip_header_found, hip_remarks, hipcc
+
     hip_cu, _ = hipified
-    if not _hip_header_found("hip/hip_runtime.h", tmp_path):
-        pytest.skip(f"{HIPCC} cannot compile HIP code here (no HIP runtime headers)")
-    compat = [] if _hip_header_found("hip/hip_bf16.h", tmp_path) else [f"-I{HIP_COMPAT}"]
+    if not hip_header_found("hip/hip_runtime.h", tmp_path):
+        pytest.skip("hipcc cannot compile HIP code here (no HIP runtime headers)")
     obj = tmp_path / "wkv7_hip.o"
-    res = _hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *DEFINES, *compat,
-                  "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in HIP_ARCHS),
-                  "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(obj)])
+    res = hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *DEFINES,
+                 *hip_compat_flags(tmp_path), "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in AMD_ARCHS),
+                 "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(obj)])
     assert res.returncode == 0, res.stderr[-4000:]
 
-    # kernel-resource-usage remarks: a "Function Name" line, then that kernel's figures
-    kernels: list[dict[str, str]] = []
-    for line in res.stderr.splitlines():
-        m = re.search(r"remark:\s+(Function Name|ScratchSize \[bytes/lane\]|VGPRs Spill): (\S+)", line)
-        if m and m.group(1) == "Function Name":
-            kernels.append({"name": m.group(2)})
-        elif m and kernels:
-            kernels[-1][m.group(1).split()[0]] = m.group(2)
+    kernels = hip_remarks(res.stderr)
     for kern in ("forward_kernel", "backward_kernel"):
         for elem in ("14__hip_bfloat16", "6__half", "f"):
             found = [k for k in kernels if f"{kern}I{elem}E" in k["name"]]
-            assert len(found) == len(HIP_ARCHS), (kern, elem, [k["name"] for k in kernels])
+            assert len(found) == len(AMD_ARCHS), (kern, elem, [k["name"] for k in kernels])
     forwards = [k for k in kernels if "forward_kernel" in k["name"]]
-    assert forwards and all(k["ScratchSize"] == "0" and k["VGPRs"] == "0" for k in forwards), forwards
+    assert forwards and all(k["ScratchSize"] == "0" and k["VGPRs Spill"] == "0" for k in forwards), forwards
 
     wanted = _launchers_wanted(op_object)
     assert len(wanted) == 2, wanted
