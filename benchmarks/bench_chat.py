@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.table import markdown_table
 from src.model import RWKV, ModelConfig
 from src.rnn import RWKV_RNN
 
@@ -128,11 +129,9 @@ def bench_device(device: str, dtype: torch.dtype, pip_cls: Any | None, pip_strat
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"\nL8-D512 V6400, threads={torch.get_num_threads()}, prompt {args.prompt_len} tokens "
           f"(rwkv pip: {args.pip_prompt_len}), decode {args.decode_tokens} tokens, best of {args.repeats}")
-    print(f"{'device':<7}{'dtype':<10}{'impl':<10}{'decode tok/s':>13}{'prefill tok/s':>15}"
-          f"{'prefill/decode':>16}{'max|dlogit|':>13}")
-    for r in rows:
-        print(f"{r.device:<7}{r.dtype:<10}{r.impl:<10}{r.decode:>13.1f}{r.prefill:>15.1f}"
-              f"{r.prefill / r.decode:>15.1f}x{r.max_diff:>13.2e}")
+    print(markdown_table(["device", "dtype", "impl", "decode tok/s", "prefill tok/s", "prefill/decode", "max|dlogit|"],
+                         [(r.device, r.dtype, r.impl, f"{r.decode:.1f}", f"{r.prefill:.1f}",
+                           f"{r.prefill / r.decode:.1f}x", f"{r.max_diff:.2e}") for r in rows], "lllrrrr"))
     for dev_dtype in {(r.device, r.dtype) for r in rows}:
         ours = next(r for r in rows if (r.device, r.dtype) == dev_dtype and r.impl == "ours")
         for other in (r for r in rows if (r.device, r.dtype) == dev_dtype and r.impl != "ours"):

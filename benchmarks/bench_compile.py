@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.table import markdown_table
 from src.model import RWKV, ModelConfig
 
 
@@ -58,10 +59,9 @@ def main() -> None:
     fp32_eager = rows[0][1]
     print(f"L8-D512 batch 4 ctx 512, model forward+backward on CPU ({torch.get_num_threads()} threads), "
           f"median of {rounds} alternating rounds")
-    print(f"| {'precision':<9} | {'eager ms':>8} | {'compiled ms':>11} | {'compile gain':>12} | {'compiled vs fp32 eager':>22} |")
-    print(f"|{'-' * 11}|{'-' * 10}|{'-' * 13}|{'-' * 14}|{'-' * 24}|")
-    for precision, e, c in rows:
-        print(f"| {precision:<9} | {e:>8.0f} | {c:>11.0f} | {e / c:>11.2f}x | {fp32_eager / c:>21.2f}x |")
+    print(markdown_table(["precision", "eager ms", "compiled ms", "compile gain", "compiled vs fp32 eager"],
+                         [(p, f"{e:.0f}", f"{c:.0f}", f"{e / c:.2f}x", f"{fp32_eager / c:.2f}x") for p, e, c in rows],
+                         "lrrrr"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """make_data speed and memory against a one-record-at-a-time encode loop, side by side.
 
-    .venv/bin/python benchmarks/bench_make_data.py [--mb 200] [--tokenizer PATH] [--workers 1 2]
+    .venv/bin/python -m benchmarks.bench_make_data [--mb 200] [--tokenizer PATH] [--workers 1 2]
 
 Generates a MiniMind-style pretrain jsonl of --mb MB under benchmarks/_work/ (gitignored; reused when
 it exists), then runs, each in its own process:
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.table import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "_work"
@@ -135,10 +137,10 @@ def main() -> None:
     base = rows[0][1]
     print(f"\n{src.name}: {size_mb:.0f} MB, {n_rec:,} records, {n_tok:,} tokens; tokenizer {tok_file}; "
           f"{os.cpu_count()} CPUs")
-    print(f"| {'method':<24} | {'seconds':>8} | {'tokens/s':>11} | {'records/s':>9} | {'peak RSS MB':>11} | {'speedup':>7} |")
-    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 13}|{'-' * 9}|")
-    for name, t, rss in rows:
-        print(f"| {name:<24} | {t:8.1f} | {n_tok / t:11,.0f} | {n_rec / t:9,.0f} | {rss / 1024:11,.0f} | {base / t:6.2f}x |")
+    print(markdown_table(["method", "seconds", "tokens/s", "records/s", "peak RSS MB", "speedup"],
+                         [(name, f"{t:.1f}", f"{n_tok / t:,.0f}", f"{n_rec / t:,.0f}", f"{rss / 1024:,.0f}",
+                           f"{base / t:.2f}x") for name, t, rss in rows],
+                         "lrrrrr"))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.table import markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "_work" / "bench_train"
 TARGET_H100 = 350_000
@@ -129,15 +131,13 @@ def main() -> None:
             rows.append(json.loads(found[0]))
 
     print("\nL8-D512 V6400 ctx 512, one device; median step after warm-up")
-    print(f"| {'device':<24} | {'precision':<9} | {'strategy':<18} | {'bucket MB':>9} | {'compile':>7} | "
-          f"{'micro_bsz':>9} | {'step ms':>9} | {'tokens/s':>10} | {'peak GiB':>8} | note")
     base = {}   # (device, precision, strategy, bucket, micro_bsz) -> tokens/s without compile
+    cells = []
     for r in rows:
-        head = (f"| {r['device'][:24]:<24} | {r['precision']:<9} | {r['strategy']:<18} | "
-                f"{r['ds_bucket_mb'] if r['strategy'].startswith('deepspeed') else '-':>9} | {r['compile']:>7} | "
-                f"{r['micro_bsz']:>9} | ")
+        head = (r["device"][:24], r["precision"], r["strategy"],
+                r["ds_bucket_mb"] if r["strategy"].startswith("deepspeed") else "-", r["compile"], r["micro_bsz"])
         if "error" in r:
-            print(head + f"{'-':>9} | {'-':>10} | {'-':>8} | FAILED: {r['error']}")
+            cells.append((*head, "-", "-", "-", f"FAILED: {r['error']}"))
             continue
         key = (r["device"], r["precision"], r["strategy"], r["ds_bucket_mb"], r["micro_bsz"])
         notes = []
@@ -147,7 +147,9 @@ def main() -> None:
             base[key] = r["tok_s"]
         if "H100" in r["device"]:
             notes.append(f"target >= {TARGET_H100 / 1e3:.0f}k: {'met' if r['tok_s'] >= TARGET_H100 else 'NOT met'}")
-        print(head + f"{r['step_ms']:>9.1f} | {r['tok_s']:>10,.0f} | {r['peak_gib']:>8.2f} | {'; '.join(notes)}")
+        cells.append((*head, f"{r['step_ms']:.1f}", f"{r['tok_s']:,.0f}", f"{r['peak_gib']:.2f}", "; ".join(notes)))
+    print(markdown_table(["device", "precision", "strategy", "bucket MB", "compile", "micro_bsz", "step ms",
+                          "tokens/s", "peak GiB", "note"], cells, "lllrrrrrrl"))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from benchmarks.table import markdown_table
 from src.wkv7.reference import wkv7_sequential
 from src.wkv7.torch_impl import wkv7_chunked
 
@@ -149,11 +150,9 @@ def run_cuda(quick: bool) -> list[Row]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"| {'device':6} | {'B x T x H x N':15} | {'dtype':8} | {'impl':23} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | note"
-    print(head)
-    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|------")
-    for r in rows:
-        print(f"| {r.device:6} | {r.shape:15} | {r.dtype:8} | {r.impl:23} | {r.fwd_ms:9.2f} | {r.fwdbwd_ms:10.2f} | {r.note}")
+    print(markdown_table(["device", "B x T x H x N", "dtype", "impl", "fwd ms", "fwd+bwd ms", "note"],
+                         [(r.device, r.shape, r.dtype, r.impl, f"{r.fwd_ms:.2f}", f"{r.fwdbwd_ms:.2f}", r.note)
+                          for r in rows], "llllrrl"))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from benchmarks.table import markdown_table
 from src.wkv7 import kernel as K
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,13 +46,19 @@ def _kernel_label(mangled: str) -> str:
 Row = tuple[str, str, str, int, int, str]  # compiler, target, kernel, registers, stack bytes, spilled
 
 
-def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
-    """Rows from ptxas -v."""
+def nvcc_command(defines: list[str], out: Path) -> list[str]:
+    """nvcc on cuda/wkv7_cuda.cu with the flags of torch's build and kernel.py's, for NV_ARCHS, with
+    ptxas' per-kernel report (-v)."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in NV_ARCHS]
-    res = subprocess.run(["nvcc", "-c", "-std=c++17", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS, *K._NVCC_FLAGS, "-Xptxas", "-v",
-                          *defines, *gencode, str(CU), "-o", str(tmp / "k.o")], capture_output=True, text=True)
+    return ["nvcc", "-c", "-std=c++20", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS, *K._NVCC_FLAGS, "-Xptxas", "-v",
+            *defines, *gencode, str(CU), "-o", str(out)]
+
+
+def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
+    """Rows from ptxas -v."""
+    res = subprocess.run(nvcc_command(defines, tmp / "k.o"), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{res.stderr[-3000:]}")
     version = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
@@ -85,6 +92,32 @@ def hip_compat_flags(tmp: Path) -> list[str]:
     return [] if hip_header_found("hip/hip_bf16.h", tmp) else [f"-I{HIP_COMPAT}"]
 
 
+def hipify(sources: list[Path], tmp: Path) -> list[Path]:
+    """What torch's ROCm build (cpp_extension.load) compiles for `sources`: torch's hipify of copies
+    of them under tmp (it writes beside its inputs), one output path per source."""
+    from torch.utils.hipify import hipify_python
+
+    src, build = tmp / "src", tmp / "build"
+    src.mkdir()
+    build.mkdir()
+    copies = [Path(shutil.copy(f, src / f.name)) for f in sources]
+    with contextlib.redirect_stderr(io.StringIO()):  # hipify prints a banner
+        result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
+                                      extra_files=[str(c) for c in copies], is_pytorch_extension=True,
+                                      show_detailed=False, show_progress=False)
+    return [Path(result[str(c)].hipified_path) for c in copies]
+
+
+def hipcc_command(hip_cu: Path, defines: list[str], archs: tuple[str, ...], tmp: Path, out: Path) -> list[str]:
+    """hipcc arguments for a hipified kernel with the flags of torch's ROCm build and kernel.py's, for
+    `archs`, with the per-kernel resource remarks (see hip_remarks)."""
+    from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
+
+    return ["-c", "-std=c++20", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *defines,
+            *hip_compat_flags(tmp), "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in archs),
+            "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(out)]
+
+
 def hip_remarks(log: str) -> list[dict[str, str]]:
     """hipcc's -Rpass-analysis=kernel-resource-usage remarks, one dict per kernel in order: "name",
     and "VGPRs", "AGPRs", "ScratchSize", "VGPRs Spill" where reported."""
@@ -102,24 +135,11 @@ def hip_remarks(log: str) -> list[dict[str, str]]:
 def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     """Rows from hipcc's remarks (registers = VGPRs + AGPRs), one target at a time (the remarks do
     not name the target)."""
-    from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
-    from torch.utils.hipify import hipify_python
-
-    build = tmp / "hip"
-    build.mkdir()
-    shutil.copy(CU, build / CU.name)
-    with contextlib.redirect_stderr(io.StringIO()):  # hipify prints a banner
-        result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
-                                      extra_files=[str(build / CU.name)], is_pytorch_extension=True,
-                                      show_detailed=False, show_progress=False)
-    hip_cu = result[str(build / CU.name)].hipified_path
-    compat = hip_compat_flags(build)
+    [hip_cu] = hipify([CU], tmp)
     version = re.search(r"clang version ([\d.]+)", hipcc(["--version"]).stdout)
     rows = []
     for arch in AMD_ARCHS:
-        res = hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *defines, *compat,
-                     "-fno-gpu-rdc", f"--offload-arch={arch}", "-Rpass-analysis=kernel-resource-usage", hip_cu,
-                     "-o", str(tmp / f"{arch}.o")])
+        res = hipcc(hipcc_command(hip_cu, defines, (arch,), tmp, tmp / f"{arch}.o"))
         if res.returncode != 0:
             raise RuntimeError(f"hipcc failed for {arch}:\n{res.stderr[-3000:]}")
         for k in hip_remarks(res.stderr):
@@ -144,10 +164,8 @@ def main() -> None:
             else:
                 missing.append(tool)
     print(f"WKV7 kernel resources, head size {args.head_size}, chunk {K.CHUNK_LEN}")
-    print(f"| {'compiler':<16} | {'target':<8} | {'kernel':<13} | {'regs/thread':>11} | {'stack/scratch B':>15} | {'spilled':<19} |")
-    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 15}|{'-' * 13}|{'-' * 17}|{'-' * 21}|")
-    for comp, target, kern, regs, stack, spill in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
-        print(f"| {comp:<16} | {target:<8} | {kern:<13} | {regs:>11} | {stack:>15} | {spill:<19} |")
+    print(markdown_table(["compiler", "target", "kernel", "regs/thread", "stack/scratch B", "spilled"],
+                         sorted(rows, key=lambda r: (r[0], r[1], r[2])), "lllrrl"))
     for tool in missing:
         print(f"({tool} not found: its rows are missing)")
 

@@ -358,21 +358,19 @@ def test_harness_detects_wrong_inputs(harness) -> None:
 # 3. builds: nvcc on the .cu, g++ on the binding, symbols, hipify
 
 NVCC = shutil.which("nvcc")
-TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                    "--expt-relaxed-constexpr"]  # what torch.utils.cpp_extension adds for .cu files
 DEFINES = ["-D_N_=64", f"-D_CHUNK_LEN_={CHUNK}"]
 
 
 @pytest.fixture(scope="module")
 def cu_object(tmp_path_factory):
-    """The .cu compiled by nvcc with the kernel's flags (kernel.py) for sm_80 and sm_90."""
+    """The .cu compiled by nvcc with torch's and the kernel's flags (kernel.py) for sm_80 and sm_90."""
+    from benchmarks.kernel_resources import NV_ARCHS, nvcc_command
+
     if NVCC is None:
         pytest.skip("nvcc not found")
+    assert NV_ARCHS == ("80", "90")
     obj = tmp_path_factory.mktemp("nvcc") / "wkv7_cuda.o"
-    cmd = [NVCC, "-c", "-std=c++20", "-Xcompiler", "-fPIC", *TORCH_NVCC_FLAGS, *K._NVCC_FLAGS, *DEFINES,
-           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", str(CU), "-o", str(obj)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(nvcc_command(DEFINES, obj), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     return obj, res.stdout + res.stderr
 
@@ -487,18 +485,9 @@ def test_binding_backward_checks_its_buffers(binding) -> None:
 def hipified(tmp_path_factory) -> tuple[Path, Path]:
     """(kernel .hip, binding .cpp) as torch.utils.cpp_extension.load writes them on ROCm: it runs
     this hipify on the sources before compiling them with hipcc."""
-    from torch.utils.hipify import hipify_python
+    from benchmarks.kernel_resources import hipify
 
-    tmp = tmp_path_factory.mktemp("hipify")
-    src, build = tmp / "repo" / "cuda", tmp / "build"
-    src.mkdir(parents=True)
-    build.mkdir()
-    for f in (CU, OP):
-        shutil.copy(f, src / f.name)
-    result = hipify_python.hipify(project_directory=str(build), output_directory=str(build),
-                                  extra_files=[str(src / CU.name), str(src / OP.name)],
-                                  is_pytorch_extension=True, show_detailed=False, show_progress=False)
-    return Path(result[str(src / CU.name)].hipified_path), Path(result[str(src / OP.name)].hipified_path)
+    return tuple(hipify([CU, OP], tmp_path_factory.mktemp("hipify")))
 
 
 def test_hipify_converts_the_kernel(hipified) -> None:
@@ -526,17 +515,13 @@ def test_hipcc_compiles_the_hipified_kernel(hipified, op_object, tmp_path) -> No
     GPU: every kernel for every element type, host launchers with the signatures the binding calls,
     and a forward that keeps its state row in registers (no scratch), as on NVIDIA.
     benchmarks/kernel_resources.py tabulates the same remarks."""
-    from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
-
-    from benchmarks.kernel_resources import AMD_ARCHS, hip_compat_flags, hip_header_found, hip_remarks, hipcc
+    from benchmarks.kernel_resources import AMD_ARCHS, hip_header_found, hip_remarks, hipcc, hipcc_command
 
     hip_cu, _ = hipified
     if not hip_header_found("hip/hip_runtime.h", tmp_path):
         pytest.skip("hipcc cannot compile HIP code here (no HIP runtime headers)")
     obj = tmp_path / "wkv7_hip.o"
-    res = hipcc(["-c", "-std=c++17", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *DEFINES,
-                 *hip_compat_flags(tmp_path), "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in AMD_ARCHS),
-                 "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(obj)])
+    res = hipcc(hipcc_command(hip_cu, DEFINES, AMD_ARCHS, tmp_path, obj))
     assert res.returncode == 0, res.stderr[-4000:]
 
     kernels = hip_remarks(res.stderr)
