@@ -4,6 +4,12 @@
 #   bash benchmarks/gpu_check.sh                          # logs under benchmarks/_work/gpu (or $OUT)
 #   STEPS="kernel_build bench_train" bash benchmarks/gpu_check.sh   # only some steps (all < 10 min)
 #
+# A/B of a candidate kernel on the same warm GPU (the device machine gets no .git, so bring the file):
+#   mkdir -p .alt && git show exp/wkv7-bwd-2tpr:cuda/wkv7_cuda.cu > .alt/wkv7_cuda.cu    # .alt/ is ignored
+#   STEPS="kernel_build gpu_tests bench_wkv7 alt_kernel" ALT_CU=.alt/wkv7_cuda.cu bash benchmarks/gpu_check.sh
+# (device tool: carry [".alt"]). alt_kernel builds ALT_CU in a copy of the repo with its own extension
+# cache, runs the GPU kernel tests there and the same bench_wkv7; the summary prints both tables.
+#
 # Each step runs under its own time limit and its log is kept; a failed step does not stop the
 # later ones, the summary at the end says which failed, and the script exits non-zero if any did.
 # Wheels carried in .whl/ (if any) are installed into a private target first.
@@ -21,6 +27,8 @@ TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-330}"              # 7 configurations, compile and FusedAdam builds included
 CHAT_TIMEOUT="${CHAT_TIMEOUT:-60}"
+ALT_TIMEOUT="${ALT_TIMEOUT:-300}"                  # alt_kernel: build + GPU kernel tests + bench_wkv7
+ALT_CU="${ALT_CU:-}"                               # alt_kernel: the candidate cuda/wkv7_cuda.cu
 PYTEST_ARGS="${PYTEST_ARGS:--m gpu tests/ -q}"
 BENCH_ARGS="${BENCH_ARGS:---device cuda}"
 # -------------------------------------------------------------------------------------------------
@@ -82,6 +90,26 @@ step bench_wkv7 "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.bench_wkv7 $BENCH_ARGS
 step bench_train "$TRAIN_TIMEOUT" "$PYTHON" -m benchmarks.bench_train --device cuda --quick
 step bench_chat "$CHAT_TIMEOUT" "$PYTHON" -m benchmarks.bench_chat --device cuda --quick --no_pip
 
+# alt_kernel: the same kernel tests and benchmark with ALT_CU in place of cuda/wkv7_cuda.cu
+alt_kernel() {
+    [ -f "$ALT_CU" ] || { echo "alt_kernel: ALT_CU='$ALT_CU' is not a file (see the header of benchmarks/gpu_check.sh)"; return 2; }
+    local dir py="$PYTHON"
+    case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac   # we cd below
+    dir="$(mktemp -d)"
+    cp -r cuda src tests benchmarks pytest.ini "$dir"/
+    cp "$ALT_CU" "$dir/cuda/wkv7_cuda.cu"
+    (
+        cd "$dir"
+        export TORCH_EXTENSIONS_DIR="$dir/torch_extensions"   # never reuse the main kernel's build
+        "$py" -c "from src.wkv7.kernel import load_kernel; load_kernel($HEAD_SIZE, verbose=True)" \
+            && "$py" -m pytest -m gpu tests/test_wkv7_kernel.py -q \
+            && "$py" -m benchmarks.bench_wkv7 --device cuda
+    )
+}
+export -f alt_kernel   # step runs its command under `timeout`, in a child bash
+export ALT_CU HEAD_SIZE PYTHON
+step alt_kernel "$ALT_TIMEOUT" bash -c alt_kernel
+
 {
     echo
     echo "==== summary ($(head -n 40 "$OUT_DIR/device.log" | grep -m1 -oE 'NVIDIA [A-Za-z0-9 -]+|AMD [A-Za-z0-9 -]+' || echo 'device unknown'))"
@@ -90,6 +118,11 @@ step bench_chat "$CHAT_TIMEOUT" "$PYTHON" -m benchmarks.bench_chat --device cuda
     grep -h "built and loaded" "$OUT_DIR/kernel_build.log" 2>/dev/null || true
     grep -hE "[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/gpu_tests.log" 2>/dev/null | tail -n 1 || true
     grep -hE "^\| (device|cuda) " "$OUT_DIR/bench_wkv7.log" 2>/dev/null || true
+    if [ -f "$OUT_DIR/alt_kernel.log" ]; then
+        echo "alt_kernel ($ALT_CU):"
+        grep -hE "[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/alt_kernel.log" | tail -n 1 || true
+        grep -hE "^\| (device|cuda) " "$OUT_DIR/alt_kernel.log" || true
+    fi
     grep -hE "^\|" "$OUT_DIR/bench_train.log" 2>/dev/null | tail -n 10 || true
     grep -hE "^\|" "$OUT_DIR/bench_chat.log" 2>/dev/null | tail -n 6 || true
 } | tee "$OUT_DIR/summary.txt"
