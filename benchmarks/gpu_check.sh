@@ -12,7 +12,8 @@
 #
 # Each step runs under its own time limit and its log is kept; a failed step does not stop the
 # later ones, the summary at the end says which failed, and the script exits non-zero if any did.
-# Wheels carried in .whl/ (if any) are installed into a private target first.
+# Wheels carried in .whl/ (if any; benchmarks/gpu_wheels.sh makes them) are installed into a private
+# target first.
 set -euo pipefail
 
 # ---- settings (override from the environment) --------------------------------------------------
