@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from src.wkv7 import IMPLS, wkv7
 
+LN_X_EPS = 64e-5  # ln_x GroupNorm eps = 1e-5 * head_size_divisor(8)**2 (SPEC)
 State = list[Tensor]  # 3 per layer: att x_prev (B,C), wkv (B,H,N,N) fp32, ffn x_prev (B,C)
 
 
@@ -34,13 +35,17 @@ class ModelConfig:
     head_size: int = 64
     dim_att: int = 0            # 0 -> n_embd (x070 needs dim_att == n_embd)
     dim_ffn: int = 0            # 0 -> 4 * n_embd
-    ctx_len: int = 512
+    # LoRA widths (w1/a1/v1/g1 columns); 0 -> SPEC's formula (lora_dims). Checkpoints made elsewhere
+    # may use other widths (SPEC quotes 96/96/64/256 for C=2048, where the formula gives
+    # 128/128/64/224): src.rnn.config_from_state_dict reads them from the shapes.
+    d_decay_lora: int = 0
+    d_aaa_lora: int = 0
+    d_mv_lora: int = 0
+    d_gate_lora: int = 0
     grad_cp: int = 0            # 1: recompute each block in backward (less memory, ~30% slower)
     wkv_impl: str = "auto"      # auto | cuda | torch (see src.wkv7)
     compile: int = 0            # 1: torch.compile the time/channel mixes and the PyTorch WKV7 (compiles on first step; for fixed shapes, i.e. training)
-    lr_init: float = 6e-4
-    lr_final: float = 2e-5
-    warmup_steps: int = 10
+    lr_init: float = 6e-4       # the optimizer's initial lr (train.py's schedule sets every step's)
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-18
@@ -51,6 +56,11 @@ class ModelConfig:
             self.dim_att = self.n_embd
         if self.dim_ffn <= 0:
             self.dim_ffn = 4 * self.n_embd
+        spec = lora_dims(self.n_embd, self.head_size)
+        self.d_decay_lora = self.d_decay_lora or spec["decay"]
+        self.d_aaa_lora = self.d_aaa_lora or spec["aaa"]
+        self.d_mv_lora = self.d_mv_lora or spec["mv"]
+        self.d_gate_lora = self.d_gate_lora or spec["gate"]
         if self.dim_att != self.n_embd:
             raise ValueError(f"--dim_att {self.dim_att} != --n_embd {self.n_embd}: x070 mixes time in the "
                              "model width (w0/a0/v0 are [1,1,n_embd]); leave --dim_att at 0")
@@ -91,10 +101,10 @@ def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
 class TimeMix(nn.Module):
     """RWKV-7 attention replacement (SPEC steps 1-12)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-        D = lora_dims(C, N)
+        D = {"decay": cfg.d_decay_lora, "aaa": cfg.d_aaa_lora, "mv": cfg.d_mv_lora, "gate": cfg.d_gate_lora}
         self.layer_id, self.n_head, self.head_size, self.wkv_impl = layer_id, H, N, cfg.wkv_impl
         self.compiled = bool(cfg.compile)
 
@@ -116,7 +126,7 @@ class TimeMix(nn.Module):
         self.key = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)  # eps = 1e-5 * head_size_divisor(8)**2
+        self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
     def forward(self, x: Tensor, v_first: Tensor | None, shift: Tensor | None,
                 wkv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,7 +185,7 @@ _readout_compiled = torch.compile(_readout)
 class ChannelMix(nn.Module):
     """RWKV-7 feed-forward: squared-ReLU MLP on a token-shifted input."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
@@ -196,7 +206,7 @@ _ffn_compiled = torch.compile(_ffn)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
         if layer_id == 0:
@@ -319,7 +329,7 @@ def init_rules(cfg: ModelConfig, layer: int) -> dict[str, Callable[[Tensor], Ten
 class RWKV(pl.LightningModule):
     """RWKV-7 LM. `model(idx)` -> logits (B,T,V); `forward_with_state` carries the RNN state."""
 
-    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True) -> None:
         """init_weights=False skips SPEC's initialisation (orthogonal QRs, seconds at L8-D512) for
         callers that load a checkpoint right after."""
         super().__init__()

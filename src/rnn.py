@@ -26,6 +26,7 @@ tests: then the wkv state is float64 too).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -36,14 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from src.model import RWKV, ModelConfig
+from src.model import LN_X_EPS, RWKV, ModelConfig
 from src.wkv7 import IMPLS
+from src.wkv7.kernel import CHUNK_LEN as KERNEL_CHUNK, require_kernel
 
 State = list[Tensor]
 DEFAULT_PREFILL_CHUNK = 512
-KERNEL_CHUNK = 16    # the GPU kernel's T must be a multiple of this (SPEC section 2)
 LN_EPS = 1e-5        # nn.LayerNorm default, as in src.model
-LN_X_EPS = 64e-5     # ln_x GroupNorm eps (SPEC)
 DECAY_SCALE = math.exp(-0.5)
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
@@ -77,11 +77,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
 
 def config_from_state_dict(sd: dict[str, Tensor], source: str = "checkpoint",
                            wkv_impl: str = "auto") -> ModelConfig:
-    """Infer n_layer, n_embd, head_size, vocab_size and dim_ffn from the shapes; check every key and shape.
+    """Infer n_layer, n_embd, head_size, vocab_size, dim_ffn and the LoRA widths from the shapes;
+    check every key and shape.
 
     Raises CheckpointError naming the first missing, unexpected or mis-shaped keys.
     """
-    for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.ffn.key.weight"):
+    lora = {"d_decay_lora": "w1", "d_aaa_lora": "a1", "d_mv_lora": "v1", "d_gate_lora": "g1"}
+    for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.ffn.key.weight",
+                *(f"blocks.0.att.{name}" for name in lora.values())):
         if key not in sd:
             hint = ""
             if any(".att.time_" in k or ".att.time_maa" in k for k in sd):
@@ -98,12 +101,13 @@ def config_from_state_dict(sd: dict[str, Tensor], source: str = "checkpoint",
                               f"n_embd={n_embd}; r_k must be [n_embd/head_size, head_size]")
     try:
         cfg = ModelConfig(vocab_size=int(vocab_size), n_layer=n_layer, n_embd=int(n_embd),
-                          head_size=int(head_size), dim_ffn=int(dim_ffn), wkv_impl=wkv_impl)
+                          head_size=int(head_size), dim_ffn=int(dim_ffn), wkv_impl=wkv_impl,
+                          **{field: int(sd[f"blocks.0.att.{name}"].shape[1]) for field, name in lora.items()})
     except ValueError as e:
         raise CheckpointError(f"{source}: unsupported shapes: {e}") from e
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in RWKV(cfg).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in RWKV(cfg, init_weights=False).state_dict().items()}
     problems = [f"missing key {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in sd]
     problems += [f"unexpected key {k!r}" for k in sd if k not in expected]
     problems += [f"{k} has shape {list(sd[k].shape)}, expected {list(s)}"
@@ -137,7 +141,7 @@ class RWKV_RNN:
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, wkv_impl: str = "auto",
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         device = torch.device(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype {dtype} is not supported: use float32, float16, bfloat16 (or float64 on CPU)")
@@ -147,15 +151,21 @@ class RWKV_RNN:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
         sd, self.path = read_state_dict(path)
         cfg = config_from_state_dict(sd, str(self.path), wkv_impl)
+        if wkv_impl == "cuda":
+            # "cuda": the kernel runs the prefill, or this fails now, saying why. A prompt's pieces are
+            # multiples of 16 tokens for it (prefill_pieces) but for a last one of < 16 tokens, which
+            # the kernel cannot take: that one runs on PyTorch, as with "auto".
+            require_kernel(device, dtype, cfg.head_size)
+            cfg = dataclasses.replace(cfg, wkv_impl="auto")
         self.cfg = cfg
         self.device, self.dtype, self.prefill_chunk = device, dtype, prefill_chunk
         self.n_layer, self.n_embd, self.vocab_size = cfg.n_layer, cfg.n_embd, cfg.vocab_size
         self.head_size, self.n_head = cfg.head_size, cfg.n_head
         self.state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
-        # The training model's modules hold the weights; building on "meta" skips the random init.
+        # The training model's modules hold the weights: built on "meta" (no memory), then assigned.
         with torch.device("meta"):
-            model = RWKV(cfg)
+            model = RWKV(cfg, init_weights=False)
         model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()},
                               strict=True, assign=True)
         self.model = model.eval().requires_grad_(False)

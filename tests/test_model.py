@@ -56,6 +56,16 @@ def test_default_model_has_spec_keys_shapes_and_count() -> None:
 def test_lora_widths() -> None:
     assert lora_dims(512) == {"decay": 64, "aaa": 64, "mv": 32, "gate": 128}
     assert lora_dims(768) == {"decay": 64, "aaa": 64, "mv": 32, "gate": 128}
+    # SPEC's formula at C=2048 (its example line says 96/96/64/256, the widths of models made with
+    # older rules: those load through the checkpoint's shapes, tests/test_rnn.py)
+    assert lora_dims(2048) == {"decay": 128, "aaa": 128, "mv": 64, "gate": 224}
+    assert lora_dims(512, head_size=128) == {"decay": 128, "aaa": 128, "mv": 64, "gate": 128}
+    cfg = ModelConfig()
+    assert (cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) == (64, 64, 32, 128)
+    att = RWKV(ModelConfig(vocab_size=50, n_layer=1, n_embd=64, head_size=16, d_decay_lora=48,
+                           d_aaa_lora=40, d_mv_lora=24, d_gate_lora=72), init_weights=False).blocks[0].att
+    assert [tuple(att.get_parameter(n).shape) for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")] == \
+        [(64, 48), (48, 64), (64, 40), (40, 64), (64, 24), (24, 64), (64, 72), (72, 64)]
 
 
 def test_initialisation_follows_spec() -> None:

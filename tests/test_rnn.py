@@ -177,6 +177,32 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
         RWKV_RNN(_save(tmp_path, v6))
     with pytest.raises(ValueError, match="wkv_impl"):
         RWKV_RNN(path, wkv_impl="fast")
+    with pytest.raises(ValueError, match="WKV7 kernel: needs a CUDA/ROCm device, got cpu.*--wkv_impl torch"):
+        RWKV_RNN(path, wkv_impl="cuda")
+
+
+def test_checkpoint_with_other_lora_widths_loads(tmp_path):
+    """Checkpoints made elsewhere may have LoRA widths other than SPEC's formula (e.g. 96/96/64/256 at
+    C=2048): they are read from the shapes, and the model computes with them."""
+    cfg = ModelConfig(**CFG, d_decay_lora=48, d_aaa_lora=40, d_mv_lora=24, d_gate_lora=72)
+    model = perturbed_model(cfg, seed=7)
+    path = tmp_path / "rwkv-widths.pth"
+    torch.save(model.state_dict(), path)
+    rnn = RWKV_RNN(path)
+    assert (rnn.cfg.d_decay_lora, rnn.cfg.d_aaa_lora, rnn.cfg.d_mv_lora, rnn.cfg.d_gate_lora) == (48, 40, 24, 72)
+    ids = torch.randint(0, CFG["vocab_size"], (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = ref_logits(model.double(), ids)
+    prefill, _ = rnn.forward(ids, None, full_output=True)
+    decoded, _ = decode_all(rnn, ids)
+    tol = dict(rtol=0, atol=5e-6 * ref.abs().max().item())
+    torch.testing.assert_close(prefill.double(), ref, **tol)
+    torch.testing.assert_close(decoded.double(), ref, **tol)
+    # widths must agree across layers: block 1 with another width is named
+    sd = model.state_dict()
+    sd["blocks.1.att.g1"], sd["blocks.1.att.g2"] = torch.zeros(64, 80), torch.zeros(80, 64)
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.att\.g1 has shape \[64, 80\], expected \[64, 72\]"):
+        RWKV_RNN(path)
 
 
 def test_prefill_pieces_cover_the_prompt():
@@ -202,6 +228,23 @@ def test_bad_tokens_and_states_are_rejected(ckpt):
         rnn.forward([], None)
     with pytest.raises(ValueError, match="state has 2 tensors"):
         rnn.forward(1, rnn.empty_state()[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm device")
+@pytest.mark.parametrize("T", [20, 37])
+def test_gpu_prefill_with_the_kernel_asked_for(ckpt, T):
+    """wkv_impl="cuda" (API_DEMO_CHAT.py --wkv_impl cuda): prompts whose length is not a multiple of
+    16 run their last < 16 tokens on PyTorch; the result equals the PyTorch-only prefill."""
+    path, model64 = ckpt
+    ids = torch.randint(0, CFG["vocab_size"], (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    ref = ref_logits(model64, ids)
+    kern, state_k = RWKV_RNN(path, device="cuda", wkv_impl="cuda").forward(ids, None, full_output=True)
+    torch_, state_t = RWKV_RNN(path, device="cuda", wkv_impl="torch").forward(ids, None, full_output=True)
+    tol = dict(rtol=0, atol=2e-3 * ref.abs().max().item())   # the kernel uses fast-math exp
+    torch.testing.assert_close(kern.double().cpu(), ref, **tol)
+    torch.testing.assert_close(torch_.double().cpu(), ref, **tol)
+    torch.testing.assert_close(state_k[1], state_t[1], rtol=0, atol=2e-3 * state_t[1].abs().max().item())
 
 
 @pytest.mark.gpu

@@ -144,7 +144,7 @@ def test_training_learns_and_writes_its_files(tmp_path: Path) -> None:
     names = sorted(p.name for p in proj.iterdir() if p.suffix == ".pth")
     assert names == sorted(["rwkv-init.pth", "rwkv-final.pth", *(f"rwkv-{e}{s}.pth" for e in (0, 3)
                                                                   for s in ("", ".state"))])
-    cfg = ModelConfig(**MODEL, ctx_len=CTX)
+    cfg = ModelConfig(**MODEL)
     init, final = RWKV(cfg), RWKV(cfg)
     init.load_state_dict(torch.load(proj / "rwkv-init.pth", weights_only=True))
     sd = torch.load(proj / "rwkv-final.pth", weights_only=True)

@@ -150,7 +150,9 @@ class WKV7Kernel(torch.autograd.Function):
     """Autograd wrapper: forward saves the inputs, the stored chunk states and sa for backward."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state):  # (B,T,H,N) x6, (B,H,N,N) fp32 or None
+    def forward(ctx: Any, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B,T,H,N) x6, (B,H,N,N) fp32 or None
         ops = load_kernel(r.shape[-1])
         y, state_out, chunks, sa = ops.forward(r, w, k, v, a, b, state, _stream(r.device))
         ctx.save_for_backward(r, w, k, v, a, b, chunks, sa)
@@ -159,7 +161,8 @@ class WKV7Kernel(torch.autograd.Function):
         return y, state_out
 
     @staticmethod
-    def backward(ctx, dy, dstate):
+    def backward(ctx: Any, dy: torch.Tensor | None,
+                 dstate: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         r, w, k, v, a, b, chunks, sa = ctx.saved_tensors
         ops = load_kernel(r.shape[-1])
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()  # (B,T,H,N)
@@ -181,7 +184,18 @@ def kernel_applicable(r: torch.Tensor) -> bool:
     return r.dtype in SUPPORTED_DTYPES and N in SUPPORTED_HEAD_SIZES and T > 0 and T % CHUNK_LEN == 0
 
 
-def _check(r: torch.Tensor, w, k, v, a, b, state) -> None:
+def require_kernel(device: torch.device, dtype: torch.dtype, head_size: int) -> None:
+    """Build (or fetch) the kernel for `head_size`, or raise saying why it cannot run on `device`
+    with `dtype`: for callers that ask for the kernel explicitly (impl="cuda")."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"WKV7 kernel: needs a CUDA/ROCm device, got {device}. {FALLBACK_HINT}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"WKV7 kernel: dtype {dtype} is not supported; use bfloat16, float16 or float32")
+    load_kernel(head_size)
+
+
+def _check(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor, state: torch.Tensor | None) -> None:
     """Raise a clear error for inputs the kernel cannot take. The device is checked last, so that
     every other message can be exercised (and read) on a CPU."""
     names = ("r", "w", "k", "v", "a", "b")
