@@ -200,19 +200,34 @@ def check_data(args: argparse.Namespace) -> int:
     if args.my_exit_tokens not in (0, n):
         raise TrainingError(f"--my_exit_tokens {args.my_exit_tokens} does not match {args.data_file} ({n} tokens): "
                             f"use {right} for ctx_len {ctx} (or --my_exit_tokens 0 with --epoch_count)")
+    top = max_token(data)
+    if top >= args.vocab_size:
+        raise TrainingError(f"{args.data_file} holds token id {top} but --vocab_size is {args.vocab_size}: "
+                            f"use --vocab_size {top + 1} or more (6400 for the MiniMind tokenizer), or remake "
+                            "the data with the model's tokenizer")
     if args.data_type == "binidx":
         small = sampler.too_small_message(n, ctx)
         if small is not None:
             raise TrainingError(f"{args.data_file}: {small}")
+        problem = sampler.magic_prime_problem(args.magic_prime, n, ctx)
+        if problem is not None:
+            raise TrainingError(f"--magic_prime {args.magic_prime} does not fit {args.data_file} ({n} tokens) at "
+                                f"ctx_len {ctx}: {problem}; use {right} (what data/make_data.py prints)")
         if args.magic_prime != right_p:
-            raise TrainingError(f"--magic_prime {args.magic_prime} does not match {args.data_file} ({n} tokens) at "
-                                f"ctx_len {ctx}: use {right} (what data/make_data.py prints)")
-        return right_p
+            say(f"note: --magic_prime {args.magic_prime} is valid for {args.data_file}, though {right_p} "
+                f"(the largest) would visit {right_p - args.magic_prime} more windows")
+        return args.magic_prime
     if args.magic_prime not in (0, right_p):
         # SFT samples whole conversations and needs no prime; a wrong one still means wrong data or ctx_len.
         raise TrainingError(f"--magic_prime {args.magic_prime} does not match {args.data_file} ({n} tokens) at "
                             f"ctx_len {ctx}: --data_type sft does not use it; pass 0 or {right_p}")
     return SFTDataset(args.data_file, ctx, mode=args.sft_mode, whole_sequence=bool(args.sft_whole_seq)).n_samples
+
+
+def max_token(data: MMapIndexedDataset, chunk: int = 1 << 26) -> int:
+    """The largest token id in the data (a pass over the memory-mapped .bin, 64M tokens at a time)."""
+    tokens = data.tokens
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
 
 
 def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, int]:
@@ -234,6 +249,14 @@ def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, i
     if args.epoch_count == 0:
         args.epoch_count = available
     tokens_per_step = args.real_bsz * args.ctx_len
+    if args.my_exit_tokens and args.data_type == "sft":
+        # SFT samples are whole conversations, padded or packed (the one cut off is repeated), so the
+        # data's token count (what make_data prints, and check_data accepted) undercounts them: it
+        # stands for one pass over every sample.
+        total_steps = math.ceil(samples_per_pass / args.real_bsz)
+        say(f"SFT: --my_exit_tokens {args.my_exit_tokens} (the data's tokens) = one pass over its "
+            f"{samples_per_pass} samples: {total_steps} steps of {args.real_bsz}")
+        return total_steps, total_steps * tokens_per_step
     if args.my_exit_tokens:
         total_steps = math.ceil(args.my_exit_tokens / tokens_per_step)
         return total_steps, args.my_exit_tokens
@@ -374,9 +397,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         return 0
     start, args.epoch_begin, own = find_start(args)
     start_step = args.epoch_begin * args.epoch_steps
+    if start_step >= total_steps and not own:
+        raise TrainingError(f"--epoch_begin {args.epoch_begin} starts at step {start_step}, past this run's "
+                            f"{total_steps} steps: use at most {math.ceil(total_steps / args.epoch_steps) - 1}")
     plan = RunPlan(proj_dir=Path(args.proj_dir), ctx_len=args.ctx_len, real_bsz=args.real_bsz,
-                   world_size=args.num_nodes * args.devices, epoch_steps=args.epoch_steps, start_step=start_step, total_steps=total_steps,
-                   epoch_save=args.epoch_save)
+                   world_size=args.num_nodes * args.devices, epoch_steps=args.epoch_steps, start_step=start_step,
+                   total_steps=total_steps, epoch_save=args.epoch_save,
+                   deepspeed=args.strategy.startswith("deepspeed"))
     model = build_model(args)
     load_weights(model, start)
     if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth

@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = dict(n_layer=8, n_embd=512, head_size=64, vocab_size=6400, ctx_len=512)
+    size = dict(n_layer=8, n_embd=512, head_size=64, vocab_size=6400)
     eager = RWKV(ModelConfig(**size))
     compiled = RWKV(ModelConfig(**size, compile=1), init_weights=False)
     compiled.load_state_dict(eager.state_dict())

@@ -163,7 +163,8 @@ def open_mask(prefix: str | Path, num_tokens: int) -> np.ndarray:
     path = mask_file(strip_suffix(prefix))
     if not path.is_file():
         raise BinIdxError(f"{path} not found: SFT masks are written by data/make_data.py for records with "
-                          "'conversations'; or train on whole sequences instead")
+                          "'conversations' (remake the data from SFT jsonl), or train on whole sequences: "
+                          "--sft_whole_seq 1 (SFT_WHOLE_SEQ=1 in demo-training-run-sft.sh)")
     size = path.stat().st_size
     if size != num_tokens:
         raise BinIdxError(f"{path}: {size} bytes but the .bin holds {num_tokens} tokens (one byte per token); "

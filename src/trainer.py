@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+
+from src.rnn import CheckpointError, read_state_dict
 
 STATE_FORMAT = 1
 SPIKE_RATIO = 2.0                # loss > SPIKE_RATIO * running mean -> a spike warning
@@ -104,6 +107,7 @@ class RunPlan:
     start_step: int
     total_steps: int
     epoch_save: int
+    deepspeed: bool = False   # DeepSpeed keeps its own optimizer state (sharded), torch's does not
 
     @property
     def tokens_per_step(self) -> int:
@@ -159,11 +163,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a plain state_dict checkpoint into `model`, or raise TrainingError saying which tensor differs."""
-    if not path.is_file():
-        raise TrainingError(f"checkpoint {path} not found")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, Mapping):
-        raise TrainingError(f"{path} holds a {type(sd).__name__}, not a state_dict of tensors")
+    try:
+        sd, _ = read_state_dict(path)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from e
     own = model.state_dict()
     problems = [f"{k}: not in the checkpoint" for k in own if k not in sd]
     problems += [f"{k}: in the checkpoint but not in this model" for k in sd if k not in own]
@@ -188,6 +191,9 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
         return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
     if state["step"] != plan.start_step:
         return None, f"{path.name} is at step {state['step']}, {weights.name} ends at step {plan.start_step}"
+    if bool(state["deepspeed_dir"]) != plan.deepspeed:
+        return None, (f"{path.name} holds the optimizer state of a run {'with' if state['deepspeed_dir'] else 'without'}"
+                      f" DeepSpeed, this run is {'with' if plan.deepspeed else 'without'} it")
     if state["deepspeed_dir"]:
         if not (weights.parent / state["deepspeed_dir"]).is_dir():
             return None, f"its DeepSpeed folder {state['deepspeed_dir']} is missing"
@@ -388,11 +394,11 @@ class TrainingMonitor(pl.Callback):
         """Write weights (and the exact-resume state) for the current step; collective on all ranks."""
         strategy = trainer.strategy
         deepspeed = isinstance(strategy, DeepSpeedStrategy)
-        bad = torch.tensor(0.0 if _all_finite(pl_module.parameters()) else 1.0, device=pl_module.device)
+        weights = _gathered_state_dict(strategy, pl_module)   # whole tensors, also under ZeRO-3
+        bad = torch.tensor(0.0 if _all_finite(weights.values()) else 1.0, device=pl_module.device)
         if float(strategy.reduce(bad, reduce_op="max")) > 0:
             raise TrainingError(f"weights hold NaN/inf after step {self.step}; {path.name} was not written. "
                                 f"Resume from an earlier checkpoint in {path.parent} with a lower --lr_init")
-        weights = _gathered_state_dict(strategy, pl_module)
         state: dict[str, Any] | None = None
         if with_state:
             state = {"format": STATE_FORMAT, "step": self.step, "warm_step": self.warm_step,
@@ -410,21 +416,23 @@ class TrainingMonitor(pl.Callback):
                 save_atomic(state, state_path(path))
             save_atomic(weights, path)
             print(f"saved {path}" + (f" and {state_path(path).name}" if state is not None else ""), flush=True)
+        if state is not None:
+            # Resume only ever reads the newest state; older ones (2x the fp32 weights each, more with
+            # DeepSpeed) go once this one is complete on disk. Their rwkv-N.pth weights stay.
+            strategy.barrier("checkpoint saved")
+            if trainer.local_rank == 0:   # once per node: DeepSpeed shards may lie on node-local disks
+                _remove_older_states(path)
 
     def _restore_optimizer(self, trainer: pl.Trainer) -> None:
         assert self.resume is not None
         strategy = trainer.strategy
+        assert bool(self.resume["deepspeed_dir"]) == isinstance(strategy, DeepSpeedStrategy), \
+            "RunPlan.deepspeed must say whether the strategy is DeepSpeed (load_resume_state compares them)"
         if self.resume["deepspeed_dir"]:
-            if not isinstance(strategy, DeepSpeedStrategy):
-                raise TrainingError("the checkpoint's optimizer state was written by DeepSpeed; resume with a "
-                                    "--strategy deepspeed_stage_* or delete its .state.pth for a weights-only resume")
             strategy.deepspeed_engine.load_checkpoint(str(self.plan.proj_dir / self.resume["deepspeed_dir"]),
                                                       tag="state", load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
             return
-        if isinstance(strategy, DeepSpeedStrategy):
-            raise TrainingError("the checkpoint's optimizer state was written without DeepSpeed; resume with "
-                                "the same --strategy or delete its .state.pth for a weights-only resume")
         try:
             trainer.optimizers[0].load_state_dict(self.resume["optimizer"])
         except ValueError as e:
@@ -435,6 +443,18 @@ class TrainingMonitor(pl.Callback):
         if self._wandb is not None:
             self._wandb.finish(exit_code=exit_code)
             self._wandb = None
+
+
+def _remove_older_states(weights: Path) -> None:
+    """Delete the rwkv-M.state.pth files and rwkv-M.ds folders of M below weights' rwkv-N.pth."""
+    n = int(_NUMBERED.fullmatch(weights.name).group(1))
+    for p in weights.parent.iterdir():
+        m = re.fullmatch(r"rwkv-(\d+)\.(state\.pth|ds)", p.name)
+        if m and int(m.group(1)) < n:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)   # another node may be removing it from a shared disk
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _all_finite(params: Iterable[Tensor]) -> bool:

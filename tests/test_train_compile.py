@@ -52,7 +52,7 @@ def test_compiled_model_keeps_state_dict_and_outputs(monkeypatch: pytest.MonkeyP
     their compiled graphs (two variants of the time-mix projection, one readout, one channel mix,
     one chunked WKV7)."""
     torch.manual_seed(0)
-    cfg = dict(n_layer=3, n_embd=64, head_size=32, vocab_size=97, ctx_len=32)
+    cfg = dict(n_layer=3, n_embd=64, head_size=32, vocab_size=97)
     eager = RWKV(ModelConfig(**cfg)).double()
     comp = RWKV(ModelConfig(**cfg, compile=1), init_weights=False).double()
     comp.load_state_dict(eager.state_dict())
@@ -81,7 +81,7 @@ def test_compiled_bf16_gradients_are_finite_and_match_eager() -> None:
     """bf16 autocast (--precision bf16 on CPU) with compiling on, at T >= 128, where inductor once
     produced NaN gradients through the chunked WKV7: gradients finite and close to eager ones."""
     torch.manual_seed(1)
-    cfg = dict(n_layer=1, n_embd=128, head_size=64, vocab_size=97, ctx_len=128)
+    cfg = dict(n_layer=1, n_embd=128, head_size=64, vocab_size=97)
     eager = RWKV(ModelConfig(**cfg))
     comp = RWKV(ModelConfig(**cfg, compile=1), init_weights=False)
     comp.load_state_dict(eager.state_dict())

@@ -1,8 +1,10 @@
 """train.py rejects bad input with a message that names the problem and the fix, before any training."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,16 +40,38 @@ def test_missing_data_file(proj: Path, tmp_path: Path) -> None:
     rejected(tiny_flags(missing, 1000, proj, data_file=""), r"--data_file is required", proj)
 
 
-def test_magic_prime_and_exit_tokens_must_match_the_data(data: tuple[Path, int], proj: Path) -> None:
+def next_magic_prime(p: int, step: int) -> int:
+    """The next prime q % 3 == 2 after p, upwards (step 1) or downwards (step -1)."""
+    q = p + step
+    while not (q % 3 == 2 and all(q % d for d in range(2, math.isqrt(q) + 1))):
+        q += step
+    return q
+
+
+def test_magic_prime_and_exit_tokens_must_match_the_data(data: tuple[Path, int], proj: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
     prefix, n = data
     p = largest_magic_prime(n, CTX)
     right = rf"--my_exit_tokens {n} --magic_prime {p}\b"
-    rejected(tiny_flags(prefix, n, proj, magic_prime=p - 6), rf"--magic_prime {p - 6} does not match .*{right}", proj)
+    rejected(tiny_flags(prefix, n, proj, magic_prime=p - 6), rf"--magic_prime {p - 6} does not fit .*: {p - 6} is "
+             rf"not prime; use {right}", proj)
+    above, below = next_magic_prime(p, +1), next_magic_prime(p, -1)
+    rejected(tiny_flags(prefix, n, proj, magic_prime=above), rf"--magic_prime {above} does not fit .*need more than "
+             rf"the {n} tokens.*{right}", proj)
+    # SPEC's start check: prime, p % 3 == 2, > 90 % of the windows; a smaller prime than the largest passes it
+    windows = n // CTX
+    assert 0.9 * windows < below < p
+    args = train.parse_args(tiny_flags(prefix, n, proj, magic_prime=below))
+    assert train.check_data(args) == below
+    assert f"--magic_prime {below} is valid" in capsys.readouterr().out
+    too_few = next_magic_prime(int(0.9 * windows) + 1, -1)
+    rejected(tiny_flags(prefix, n, proj, magic_prime=too_few), rf"--magic_prime {too_few} does not fit .*covers only",
+             proj)
     rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n - 1), rf"--my_exit_tokens {n - 1} does not match.*{right}",
              proj)
     # the same data at another ctx_len has another prime
     p64 = largest_magic_prime(n, 64)
-    rejected(tiny_flags(prefix, n, proj, ctx_len=64), rf"--magic_prime {p} does not match .* --magic_prime {p64}\b",
+    rejected(tiny_flags(prefix, n, proj, ctx_len=64), rf"--magic_prime {p} does not fit .* --magic_prime {p64}\b",
              proj)
 
 
@@ -120,3 +144,40 @@ def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
     rejected(tiny_flags(prefix, n, proj, lr_init=0), r"--lr_init must be > 0", proj)
     rejected(tiny_flags(prefix, n, proj, my_testing="x060"), r"only the x070 .* is implemented", proj)
     rejected(tiny_flags(prefix, n, proj, n_embd=80), r"--n_embd 80 is not a multiple of --head_size 32", proj)
+
+
+def test_token_ids_beyond_the_vocabulary(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    top = int(np.fromfile(f"{prefix}.bin", dtype=np.uint16).max())
+    rejected(tiny_flags(prefix, n, proj, vocab_size=top),
+             rf"{prefix} holds token id {top} but --vocab_size is {top}: use --vocab_size {top + 1} or more", proj)
+
+
+def test_load_model_that_is_not_a_checkpoint(data: tuple[Path, int], tmp_path: Path) -> None:
+    prefix, n = data
+    junk = tmp_path / "notes.pth"
+    junk.write_text("not a checkpoint\n")
+    fresh = tmp_path / "fresh"
+    rejected(tiny_flags(prefix, n, fresh, load_model=junk), rf"cannot read {junk} as a PyTorch checkpoint", fresh)
+    assert not fresh.exists() or not any(fresh.iterdir())
+
+
+def test_epoch_begin_past_the_end_of_a_new_run(data: tuple[Path, int], proj: Path, tmp_path: Path) -> None:
+    """--load_model with --epoch_begin beyond the run's steps must not pass the weights off as rwkv-final.pth."""
+    prefix, n = data
+    fresh = tmp_path / "fresh"
+    # epoch_count 4 x epoch_steps 4 = 16 steps: mini-epochs 0..3 exist
+    rejected(tiny_flags(prefix, n, fresh, load_model=proj / "rwkv-init.pth", epoch_begin=10),
+             r"--epoch_begin 10 starts at step 40, past this run's 16 steps: use at most 3", fresh)
+    assert not (fresh / "rwkv-final.pth").exists()
+
+
+def test_sft_exit_tokens_mean_one_pass_over_the_samples(data: tuple[Path, int], proj: Path) -> None:
+    """SFT samples are padded or packed conversations, more tokens than the data's count: my_exit_tokens =
+    that count trains one whole pass (every sample once); pretraining keeps the token count."""
+    prefix, n = data
+    sft = train.parse_args(tiny_flags(prefix, n, proj, data_type="sft", my_exit_tokens=n, magic_prime=0))
+    steps, exit_tokens = train.plan_epochs(sft, samples_per_pass=1001)
+    assert steps == math.ceil(1001 / sft.real_bsz) and exit_tokens == steps * sft.real_bsz * CTX
+    pre = train.parse_args(tiny_flags(prefix, n, proj, my_exit_tokens=n))
+    assert train.plan_epochs(pre, samples_per_pass=1001) == (math.ceil(n / (pre.real_bsz * CTX)), n)

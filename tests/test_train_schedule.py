@@ -1,6 +1,7 @@
 """src/trainer.py pieces on their own: LR schedule values, checkpoint discovery, atomic saves, spikes, plot."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -76,11 +77,18 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     assert got is None and "'real_bsz': 8" in why and "'real_bsz': 4" in why
     save_atomic({**state, "step": 15}, state_path(weights))
     assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth is at step 15, rwkv-1.pth ends at step 10")
-    # DeepSpeed's shards belong to their world size (a torch optimizer's state above did not care: 2 vs 1)
+    # DeepSpeed's optimizer state and torch's are not interchangeable: weights only, either way
+    ds_plan = dataclasses.replace(plan, deepspeed=True)
+    save_atomic(state, state_path(weights))
+    assert load_resume_state(weights, ds_plan) == (
+        None, "rwkv-1.state.pth holds the optimizer state of a run without DeepSpeed, this run is with it")
     save_atomic({**state, "deepspeed_dir": "rwkv-1.ds"}, state_path(weights))
-    assert load_resume_state(weights, plan) == (None, "its DeepSpeed folder rwkv-1.ds is missing")
-    (tmp_path / "rwkv-1.ds").mkdir()
     assert load_resume_state(weights, plan) == (
+        None, "rwkv-1.state.pth holds the optimizer state of a run with DeepSpeed, this run is without it")
+    # DeepSpeed's shards belong to their world size (a torch optimizer's state above did not care: 2 vs 1)
+    assert load_resume_state(weights, ds_plan) == (None, "its DeepSpeed folder rwkv-1.ds is missing")
+    (tmp_path / "rwkv-1.ds").mkdir()
+    assert load_resume_state(weights, ds_plan) == (
         None, "its DeepSpeed optimizer shards come from 2 processes, this run has 1")
 
 
