@@ -89,6 +89,32 @@ def test_greedy_reply_is_argmax_of_parallel_model_step_by_step(tiny):
     assert again.fed == session.fed
 
 
+def test_greedy_reply_with_penalties_counts_every_token_of_the_reply(tiny):
+    """Penalties grow over one reply (SPEC 5: counts decay by 0.996 per token, then the new token counts
+    1): each greedy token is the argmax of the parallel model's logits minus presence + frequency *
+    count of the reply's earlier tokens."""
+    path, model64 = tiny
+    model = RWKV_RNN(path)
+    cfg = SamplingConfig(temperature=0.0, presence_penalty=1.5, frequency_penalty=2.0, penalty_decay=0.9)
+    session = chat.ChatSession(model, load_tokenizer(None), Sampler(model.vocab_size, cfg, seed=0),
+                               DEFAULT_SYSTEM, 16)
+    "".join(session.reply("Hello there"))
+    seq, sampled = session.fed, session.sampled
+    assert len(sampled) >= 3
+    start = len(seq) - len([t for t in sampled if t != IM_END_ID])
+    with torch.no_grad():
+        ref = model64(torch.tensor([seq]))[0]                         # (T,V) float64
+    counts: dict[int, float] = {}
+    for i, token in enumerate(sampled):
+        logits = ref[start - 1 + i].clone()
+        for t, c in counts.items():
+            logits[t] -= 1.5 + 2.0 * c
+        logits[0] = float("-inf")
+        assert token == int(logits.argmax()), f"reply token {i}"
+        counts = {t: c * 0.9 for t, c in counts.items()}
+        counts[token] = counts.get(token, 0.0) + 1.0
+
+
 def test_seeded_sampling_is_reproducible_and_reset_restarts(tiny):
     path, _ = tiny
     a, b = make_session(path, temperature=1.0, seed=5), make_session(path, temperature=1.0, seed=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import API_DEMO_CHAT as chat
 from src.sampling import Sampler, SamplingConfig, apply_penalties, top_k_top_p_mask
 
 
@@ -118,6 +119,17 @@ def test_greedy_and_tiny_temperature_pick_the_best_allowed_token():
     # p ** (1/T) would underflow to 0/0 here in linear space
     s = Sampler(4, SamplingConfig(temperature=1e-3, top_p=1.0, presence_penalty=0, frequency_penalty=0), seed=0)
     assert {s.sample(logits) for _ in range(20)} == {2}
+
+
+def test_defaults_are_the_original_demos():
+    """SPEC 5: temperature 1.0, top_p 0.3, presence and frequency penalties 0.5 decaying by 0.996,
+    token 0 banned; API_DEMO_CHAT.py's flags default to the same."""
+    c = SamplingConfig()
+    assert (c.temperature, c.top_p, c.top_k, c.presence_penalty, c.frequency_penalty, c.penalty_decay,
+            c.banned) == (1.0, 0.3, 0, 0.5, 0.5, 0.996, (0,))
+    args = chat.parse_args(["--model", "x.pth"])
+    assert (args.temperature, args.top_p, args.top_k, args.presence_penalty, args.frequency_penalty,
+            args.penalty_decay) == (1.0, 0.3, 0, 0.5, 0.5, 0.996)
 
 
 def test_bad_settings_are_rejected():

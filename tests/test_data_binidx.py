@@ -124,6 +124,7 @@ def corrupt(path, offset: int, data: bytes) -> None:
     (lambda p: p.with_suffix(".idx").write_bytes(p.with_suffix(".idx").read_bytes()[:-8]), "truncated or corrupt"),
     (lambda p: corrupt(p.with_suffix(".idx"), 34 + 12 + 8, struct.pack("<q", 4)), "pointer of item 1"),
     (lambda p: corrupt(p.with_suffix(".idx"), 34, struct.pack("<i", -1)), "negative item size"),
+    (lambda p: corrupt(p.with_suffix(".idx"), 34 + 12 * 3, struct.pack("<q", 1)), "doc_idx"),  # must start at 0
     (lambda p: p.with_suffix(".bin").write_bytes(p.with_suffix(".bin").read_bytes()[:-2]), "g.bin: 22 bytes"),
     (lambda p: p.with_suffix(".bin").unlink(), "g.bin not found"),
 ])

@@ -139,6 +139,9 @@ def test_pack_starts_cover_every_document_whole():
         k = np.searchsorted(ps, s, side="right") - 1  # the last sample starting at or before the document
         if n <= span:
             assert s + n <= ps[k] + span, "a document that fits the window is never seen whole"
+    # a window that ends exactly where a document ends holds that one whole: the next starts after it
+    exact = np.array([10, 23, 5, 7])
+    assert pack_starts(np.array([0, 10, 33, 38]), exact, 33).tolist() == [0, 33]
     # greedy: the next sample starts at the first document the previous one cut
     for a, b in zip(ps[:-1], ps[1:]):
         j = np.searchsorted(starts, b)

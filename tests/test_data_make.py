@@ -59,6 +59,7 @@ def test_pretrain_records_become_shuffled_documents(tmp_path):
     for e in range(3):  # each copy is a permutation of all records
         assert Counter(docs[e * len(texts):(e + 1) * len(texts)]) == Counter(expected)
     assert docs[:len(texts)] != expected or len(texts) < 3  # shuffled
+    assert docs[:len(texts)] != docs[len(texts):2 * len(texts)]  # each copy in its own order
     n = sum(len(d) for d in docs)
     assert r.num_tokens == n and r.num_docs == 3 * len(texts) and r.kind == "text" and r.records == len(texts)
     assert r.magic_prime == magic_prime(n, 8) and not (tmp_path / "out/pre.mask").exists()

@@ -77,8 +77,8 @@ def test_initialisation_follows_spec() -> None:
     for l in range(L):
         p = f"blocks.{l}.att."
         r1, r01 = 1 - l / L, l / (L - 1)
-        assert torch.allclose(sd[p + "x_r"].double().flatten(), 1 - (n / C) ** (0.2 * r1), atol=1e-6)
-        assert torch.allclose(sd[p + "x_a"].double().flatten(), 1 - (n / C) ** (0.9 * r1), atol=1e-6)
+        for mix, power in [("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)]:
+            assert torch.allclose(sd[p + mix].double().flatten(), 1 - (n / C) ** (power * r1), atol=1e-6), mix
         assert torch.allclose(sd[f"blocks.{l}.ffn.x_k"].double().flatten(), 1 - (n / C) ** (r1 ** 4), atol=1e-6)
         z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
         www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
@@ -95,14 +95,18 @@ def test_initialisation_follows_spec() -> None:
         for name, gain in [("receptance.weight", 1.0), ("key.weight", 0.1), ("value.weight", 1.0)]:
             W = sd[p + name].double()
             assert torch.allclose(W @ W.T, gain ** 2 * torch.eye(C, dtype=torch.float64), atol=1e-5), name
-        W = sd[p + "w2"].double()                                   # (D, C), rows < cols: orthonormal rows
-        assert torch.allclose(W @ W.T, 0.01 * torch.eye(W.shape[0], dtype=torch.float64), atol=1e-6)
+        for lora in ["w2", "a2", "v2", "g2"]:                      # (D, C), rows < cols: orthonormal rows
+            W = sd[p + lora].double()
+            assert torch.allclose(W @ W.T, 0.01 * torch.eye(W.shape[0], dtype=torch.float64), atol=1e-6), lora
     W = sd["blocks.0.ffn.key.weight"].double()                      # (4C, C): orthonormal columns
     assert torch.allclose(W.T @ W, torch.eye(C, dtype=torch.float64), atol=1e-5)
     head = sd["head.weight"].double()                               # (V, C), V > C: gain 0.5 sqrt(V/C)
     assert torch.allclose(head.T @ head, 0.25 * (1000 / C) * torch.eye(C, dtype=torch.float64), atol=1e-4)
     assert sd["emb.weight"].abs().max() <= 1e-4 and sd["emb.weight"].std() > 1e-5
     assert torch.all(sd["ln_out.weight"] == 1) and torch.all(sd["blocks.0.ln0.bias"] == 0)
+    # V <= C: the head's gain is 0.5 (no sqrt(V/C)), and its rows are the orthogonal ones
+    head = RWKV(ModelConfig(vocab_size=100, n_layer=1, n_embd=C, head_size=N)).head.weight.detach().double()
+    assert torch.allclose(head @ head.T, 0.25 * torch.eye(100, dtype=torch.float64), atol=1e-5)
 
 
 def reference_logits(sd: dict[str, torch.Tensor], tokens: list[int], L: int, H: int, N: int) -> torch.Tensor:
@@ -198,15 +202,16 @@ def test_l2wrap_adds_the_spec_gradient() -> None:
     logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (2, 5))
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
-    for m, count in [(None, 10), (mask, 6)]:
+    # scale: the loss's incoming gradient (e.g. a loss scaler's, or 1/accumulation) scales the extra term too
+    for m, count, scale in [(None, 10, 1.0), (mask, 6, 1.0), (None, 10, 3.0)]:
         logits.grad = None
-        L2Wrap.apply(lm_loss(logits, targets, m), logits, m).backward()
+        (scale * L2Wrap.apply(lm_loss(logits, targets, m), logits, m)).backward()
         with_wrap = logits.grad.clone()
         logits.grad = None
-        lm_loss(logits, targets, m).backward()
+        (scale * lm_loss(logits, targets, m)).backward()
         extra = with_wrap - logits.grad
         mx, ids = logits.detach().max(-1)
-        expected = torch.zeros_like(extra).scatter_(-1, ids[..., None], (mx * 1e-4 / count)[..., None])
+        expected = torch.zeros_like(extra).scatter_(-1, ids[..., None], (scale * mx * 1e-4 / count)[..., None])
         if m is not None:
             expected = expected * m[..., None]
         assert torch.allclose(extra, expected, atol=1e-15)
@@ -232,6 +237,9 @@ def test_optimizer_groups() -> None:
     assert all(n.endswith(".weight") and "ln" not in n for n in decay)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set().union(*groups.values()) == trainable
+    # the CPU optimizer takes lr, betas and eps from the config (the published --adam_eps is 1e-18)
+    opt = RWKV(ModelConfig(**TINY, lr_init=7e-4, beta1=0.8, beta2=0.95, adam_eps=1e-18)).configure_optimizers()
+    assert all((g["lr"], g["betas"], g["eps"]) == (7e-4, (0.8, 0.95), 1e-18) for g in opt.param_groups)
     assert trainable == set(names.values()) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 
 
