@@ -90,7 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--vocab_size", type=int, default=6400, help="tokenizer vocabulary (MiniMind2: 6400)")
     a("--ctx_len", type=int, default=512, help="tokens per sample (a multiple of 16 for the GPU kernel)")
     a("--my_exit_tokens", type=int, default=0,
-      help="tokens to train (must equal the data's token count); 0 = train --epoch_count mini-epochs")
+      help="tokens to train (must equal the data's token count; sft: one pass over every sample); "
+           "0 = train --epoch_count mini-epochs")
     a("--magic_prime", type=magic_prime_flag, default=0,
       help="the sampler's prime printed by make_data (binidx; sft: unused, 0); NONE (make_data's word) = 0")
     # mini-epochs
