@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from src import sampler
 from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
@@ -338,9 +338,9 @@ def build_strategy(args: argparse.Namespace) -> Strategy | str:
 class TrainData(pl.LightningDataModule):
     """Builds the rank's dataset once the Trainer knows rank and world size (after the processes start)."""
 
-    def __init__(self, args: argparse.Namespace, epoch_begin: int, n_epochs: int):
+    def __init__(self, args: argparse.Namespace, epoch_begin: int, n_epochs: int, n_steps: int):
         super().__init__()
-        self.args, self.epoch_begin, self.n_epochs = args, epoch_begin, n_epochs
+        self.args, self.epoch_begin, self.n_epochs, self.n_steps = args, epoch_begin, n_epochs, n_steps
 
     def train_dataloader(self) -> DataLoader:
         a = self.args
@@ -354,6 +354,9 @@ class TrainData(pl.LightningDataModule):
                             seed=max(a.random_seed, 0), **layout)
         gpu = a.accelerator == "gpu"
         # Samples are read in order: all randomness is in the dataset's index math (resume, ranks).
+        # The datasets hold whole mini-epochs; the run may end inside the last one (--my_exit_tokens):
+        # exactly the run's samples, so that the progress bar's total is its steps.
+        ds = Subset(ds, range(self.n_steps * a.micro_bsz))
         return DataLoader(ds, batch_size=a.micro_bsz, shuffle=False, drop_last=True, pin_memory=gpu,
                           num_workers=1 if gpu else 0, persistent_workers=gpu)
 
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
                               wandb_project=args.wandb, wandb_config=vars(args))
     n_epochs = math.ceil((total_steps - start_step) / args.epoch_steps)
     trainer = build_trainer(args, total_steps - start_step, [monitor, *callbacks])
-    trainer.fit(model, datamodule=TrainData(args, args.epoch_begin, n_epochs))
+    trainer.fit(model, datamodule=TrainData(args, args.epoch_begin, n_epochs, total_steps - start_step))
     return 0
 
 

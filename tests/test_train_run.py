@@ -273,3 +273,30 @@ def test_nan_weights_with_finite_loss_are_not_saved(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match=r"weights hold NaN/inf after step 2; rwkv-0.pth was not written"):
         train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(1, "blocks.0.att.v0")])
     assert not list(proj.glob("rwkv-[0-9]*"))
+
+
+class BatchCount(pl.Callback):
+    def __init__(self) -> None:
+        self.total, self.steps = -1, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.total = trainer.num_training_batches     # the progress bar's total
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+
+
+def test_run_ending_inside_a_mini_epoch_loads_exactly_its_steps(tmp_path: Path) -> None:
+    """--my_exit_tokens = the data's tokens ends partway through a mini-epoch: the loader holds exactly
+    the run's batches (so the progress bar ends at 100 %), and the last log line is marked partial."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, n_docs=120, seed=9)
+    train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+    steps = math.ceil(n / (MICRO_BSZ * CTX))
+    assert steps % 4, "the data should end inside a 4-step mini-epoch"
+    count = BatchCount()
+    assert train.main(tiny_flags(data, n, proj, my_exit_tokens=n, epoch_count=0), callbacks=[count]) == 0
+    assert count.total == count.steps == steps
+    assert epoch_lines(proj)[-1]["steps"] == steps
+    assert (proj / "train_log.txt").read_text().rstrip().endswith("partial 1")
