@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights and activations (default: fp32 on CPU, bf16 on GPU); the wkv state is fp32")
     p.add_argument("--wkv_impl", choices=("auto", "cuda", "torch"), default="auto",
-                   help="WKV7 implementation for the prompt prefill (see src/wkv7)")
+                   help="WKV7 implementation for the prompt prefill (see src/wkv7); cuda: the GPU kernel or an "
+                        "error at start (a prompt's last < 16 tokens still run on PyTorch)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's choice, usually one per core)")
     p.add_argument("--max_tokens", type=int, default=500, help="longest reply in tokens")
