@@ -108,13 +108,14 @@ def hipify(sources: list[Path], tmp: Path) -> list[Path]:
     return [Path(result[str(c)].hipified_path) for c in copies]
 
 
-def hipcc_command(hip_cu: Path, defines: list[str], archs: tuple[str, ...], tmp: Path, out: Path) -> list[str]:
+def hipcc_command(hip_cu: Path, defines: list[str], archs: tuple[str, ...], compat: list[str],
+                  out: Path) -> list[str]:
     """hipcc arguments for a hipified kernel with the flags of torch's ROCm build and kernel.py's, for
-    `archs`, with the per-kernel resource remarks (see hip_remarks)."""
+    `archs`, with the per-kernel resource remarks (see hip_remarks); compat: hip_compat_flags()."""
     from torch.utils.cpp_extension import COMMON_HIP_FLAGS, COMMON_HIPCC_FLAGS
 
     return ["-c", "-std=c++20", *COMMON_HIP_FLAGS, *COMMON_HIPCC_FLAGS, *K._HIPCC_FLAGS, *defines,
-            *hip_compat_flags(tmp), "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in archs),
+            *compat, "-fno-gpu-rdc", *(f"--offload-arch={a}" for a in archs),
             "-Rpass-analysis=kernel-resource-usage", str(hip_cu), "-o", str(out)]
 
 
@@ -136,10 +137,11 @@ def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     """Rows from hipcc's remarks (registers = VGPRs + AGPRs), one target at a time (the remarks do
     not name the target)."""
     [hip_cu] = hipify([CU], tmp)
+    compat = hip_compat_flags(tmp)   # one header probe for all targets
     version = re.search(r"clang version ([\d.]+)", hipcc(["--version"]).stdout)
     rows = []
     for arch in AMD_ARCHS:
-        res = hipcc(hipcc_command(hip_cu, defines, (arch,), tmp, tmp / f"{arch}.o"))
+        res = hipcc(hipcc_command(hip_cu, defines, (arch,), compat, tmp / f"{arch}.o"))
         if res.returncode != 0:
             raise RuntimeError(f"hipcc failed for {arch}:\n{res.stderr[-3000:]}")
         for k in hip_remarks(res.stderr):

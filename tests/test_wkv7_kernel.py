@@ -515,13 +515,14 @@ def test_hipcc_compiles_the_hipified_kernel(hipified, op_object, tmp_path) -> No
     GPU: every kernel for every element type, host launchers with the signatures the binding calls,
     and a forward that keeps its state row in registers (no scratch), as on NVIDIA.
     benchmarks/kernel_resources.py tabulates the same remarks."""
-    from benchmarks.kernel_resources import AMD_ARCHS, hip_header_found, hip_remarks, hipcc, hipcc_command
+    from benchmarks.kernel_resources import (AMD_ARCHS, hip_compat_flags, hip_header_found, hip_remarks, hipcc,
+                                             hipcc_command)
 
     hip_cu, _ = hipified
     if not hip_header_found("hip/hip_runtime.h", tmp_path):
         pytest.skip("hipcc cannot compile HIP code here (no HIP runtime headers)")
     obj = tmp_path / "wkv7_hip.o"
-    res = hipcc(hipcc_command(hip_cu, DEFINES, AMD_ARCHS, tmp_path, obj))
+    res = hipcc(hipcc_command(hip_cu, DEFINES, AMD_ARCHS, hip_compat_flags(tmp_path), obj))
     assert res.returncode == 0, res.stderr[-4000:]
 
     kernels = hip_remarks(res.stderr)
