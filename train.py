@@ -42,7 +42,7 @@ from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
 from src.dataset import PretrainDataset, SFTDataset
 from src.model import RWKV, ModelConfig
 from src.sampler import SAMPLES_PER_EPOCH
-from src.trainer import (RunPlan, Schedule, TrainingError, TrainingMonitor,
+from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor,
                          find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
 
 PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
@@ -425,7 +425,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     monitor = TrainingMonitor(plan, schedule, run_header(args, argv, start, how), resume=resume,
                               wandb_project=args.wandb, wandb_config=vars(args))
     n_epochs = math.ceil((total_steps - start_step) / args.epoch_steps)
-    trainer = build_trainer(args, total_steps - start_step, [monitor, *callbacks])
+    bar = [ProgressBar(monitor)] if args.enable_progress_bar else []
+    trainer = build_trainer(args, total_steps - start_step, [monitor, *bar, *callbacks])
     trainer.fit(model, datamodule=TrainData(args, args.epoch_begin, n_epochs, total_steps - start_step))
     return 0
 

@@ -4,6 +4,8 @@
     python -m benchmarks.bench_train --device cuda    # GPU only: bf16, DeepSpeed ZeRO-2 micro 16/32/64, compile
     python -m benchmarks.bench_train --quick          # fewer steps
 
+A second table times one optimizer step (AdamW per-tensor loop, foreach, fused) at the same size.
+
 Model: the default L8-D512 V6400 at ctx 512 (SPEC init), trained the way train.py trains it: the
 Trainer from train.build_trainer (precision plugin, strategy, gradient clipping) and the
 TrainingMonitor (per-step LR, loss reduce across ranks, progress numbers), on random tokens held in
@@ -107,6 +109,34 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
             "peak_gib": peak}
 
 
+def optimizer_rows(device: str, repeats: int = 7) -> list[tuple[str, ...]]:
+    """One AdamW step over L8-D512's parameters (SPEC groups, random gradients) per implementation:
+    the per-tensor loop, foreach (multi-tensor) and fused; median of `repeats` after one warm-up."""
+    import torch
+
+    import train
+    args = train.parse_args(["--accelerator", "cpu", "--proj_dir", str(WORK / "optimizer")])
+    model = train.build_model(args).to(device)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p) * 1e-3
+    times = {}
+    for name, kw in (("per-tensor loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
+                     ("fused (train.py)", dict(fused=True))):
+        opt = torch.optim.AdamW(model.optimizer_groups(), lr=1e-6, betas=(0.9, 0.99), eps=1e-18, **kw)
+        samples = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples[1:]) * 1e3
+    base = times["per-tensor loop"]
+    dev = f"cpu x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name()
+    return [(dev, name, f"{ms:.1f}", f"{base / ms:.2f}x") for name, ms in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
@@ -150,6 +180,13 @@ def main() -> None:
         cells.append((*head, f"{r['step_ms']:.1f}", f"{r['tok_s']:,.0f}", f"{r['peak_gib']:.2f}", "; ".join(notes)))
     print(markdown_table(["device", "precision", "strategy", "bucket MB", "compile", "micro_bsz", "step ms",
                           "tokens/s", "peak GiB", "note"], cells, "lllrrrrrrl"))
+
+    import torch
+    devices = [d for d, on in (("cpu", opts.device in ("all", "cpu")),
+                               ("cuda", opts.device in ("all", "cuda") and torch.cuda.is_available())) if on]
+    print("\nOne AdamW step over L8-D512's 34.2M parameters (fp32), median after a warm-up")
+    print(markdown_table(["device", "AdamW", "step ms", "vs per-tensor"],
+                         [row for d in devices for row in optimizer_rows(d)], "llrr"))
 
 
 if __name__ == "__main__":

