@@ -32,6 +32,7 @@ CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 CHUNK_LEN = 16  # steps between the states the forward stores for the backward (SPEC 2)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPE_HINT = "use bfloat16, float16 or float32"
 
 FALLBACK_HINT = (
     'Use the PyTorch path instead: wkv7(..., impl="torch"), or the flag `--wkv_impl torch` of '
@@ -190,7 +191,7 @@ def require_kernel(device: torch.device, dtype: torch.dtype, head_size: int) -> 
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"WKV7 kernel: needs a CUDA/ROCm device, got {device}. {FALLBACK_HINT}")
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"WKV7 kernel: dtype {dtype} is not supported; use bfloat16, float16 or float32")
+        raise TypeError(f"WKV7 kernel: dtype {dtype} is not supported; {DTYPE_HINT}")
     load_kernel(head_size)
 
 
@@ -205,7 +206,7 @@ def _check(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
             raise TypeError(f"WKV7 kernel: {name} must be a torch.Tensor, got {type(x).__name__}")
     for name, x in zip(names, tensors):
         if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"WKV7 kernel: {name} has dtype {x.dtype}; use bfloat16, float16 or float32")
+            raise TypeError(f"WKV7 kernel: {name} has dtype {x.dtype}; {DTYPE_HINT}")
         if x.dtype != r.dtype:
             raise TypeError(f"WKV7 kernel: {name} has dtype {x.dtype} but r has {r.dtype}; cast all six inputs to one dtype")
         if x.dim() != 4 or x.shape != r.shape:
