@@ -44,6 +44,7 @@ from src.model import RWKV, ModelConfig
 from src.sampler import SAMPLES_PER_EPOCH
 from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor,
                          find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
+from src.wkv7.kernel import toolchain_problem
 
 PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
@@ -170,6 +171,13 @@ def check_machine(args: argparse.Namespace) -> None:
             raise TrainingError("--precision fp16 (16-mixed) needs a GPU; on CPU use bf16 or fp32")
         if args.wkv_impl == "cuda":
             raise TrainingError("--wkv_impl cuda needs a GPU; on CPU use --wkv_impl torch (or auto)")
+    if args.accelerator == "gpu" and args.wkv_impl != "torch":
+        # Without nvcc/ninja, wkv7's "auto" would quietly train on the PyTorch path (~25x slower WKV7).
+        problem = toolchain_problem()
+        if problem is not None:
+            raise TrainingError(f"the WKV7 GPU kernel cannot be built: {problem}. Install it, or train on the "
+                                "PyTorch path with --wkv_impl torch (WKV7 ~25x slower; the demo scripts pass it on: "
+                                "bash demo-training-run.sh --wkv_impl torch)")
     if args.accelerator == "gpu" and args.wkv_impl != "torch" and args.ctx_len % 16:
         raise TrainingError(f"--ctx_len {args.ctx_len} is not a multiple of 16, which the WKV7 GPU kernel "
                             "needs (it keeps the state every 16 steps): use e.g. 512, or --wkv_impl torch (slow)")

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from src.model import LN_X_EPS, RWKV, ModelConfig
 from src.wkv7 import IMPLS
-from src.wkv7.kernel import CHUNK_LEN as KERNEL_CHUNK, require_kernel
+from src.wkv7.kernel import CHUNK_LEN as KERNEL_CHUNK, require_kernel, toolchain_problem
 
 State = list[Tensor]
 DEFAULT_PREFILL_CHUNK = 512
@@ -157,6 +158,9 @@ class RWKV_RNN:
             # the kernel cannot take: that one runs on PyTorch, as with "auto".
             require_kernel(device, dtype, cfg.head_size)
             cfg = dataclasses.replace(cfg, wkv_impl="auto")
+        elif wkv_impl == "auto" and device.type == "cuda" and toolchain_problem() is not None:
+            warnings.warn(f"WKV7 kernel unavailable ({toolchain_problem()}): prompts are prefilled on the "
+                          "PyTorch path (slower on long prompts; decoding is unaffected)", stacklevel=2)
         self.cfg = cfg
         self.device, self.dtype, self.prefill_chunk = device, dtype, prefill_chunk
         self.n_layer, self.n_embd, self.vocab_size = cfg.n_layer, cfg.n_embd, cfg.vocab_size

@@ -6,6 +6,7 @@ the terms they multiply.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,22 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
         RWKV_RNN(path, wkv_impl="fast")
     with pytest.raises(ValueError, match="WKV7 kernel: needs a CUDA/ROCm device, got cpu.*--wkv_impl torch"):
         RWKV_RNN(path, wkv_impl="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only torch stops right after the warning")
+def test_gpu_chat_without_the_kernel_toolchain_warns(ckpt, monkeypatch):
+    """On a GPU without nvcc/ninja, "auto" prefills on PyTorch: said once, at load, naming what is missing."""
+    import src.rnn as rnn_module
+
+    path, _ = ckpt
+    monkeypatch.setattr(rnn_module, "toolchain_problem", lambda: "nvcc (CUDA toolkit) was not found")
+    with pytest.warns(UserWarning, match=r"WKV7 kernel unavailable \(nvcc \(CUDA toolkit\) was not found\): prompts "
+                                         r"are prefilled on the PyTorch path"):
+        with pytest.raises((AssertionError, RuntimeError)):   # this torch has no CUDA: the weights cannot move
+            RWKV_RNN(path, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RWKV_RNN(path, device="cpu")                          # nothing to say on a CPU
 
 
 def test_checkpoint_with_other_lora_widths_loads(tmp_path):

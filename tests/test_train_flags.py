@@ -120,8 +120,38 @@ def test_gpu_kernel_needs_ctx_len_multiple_of_16(data: tuple[Path, int], proj: P
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     prefix, n = data
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the check runs: it fails first
+    monkeypatch.setattr(train, "toolchain_problem", lambda: None)
     rejected(tiny_flags(prefix, n, proj, accelerator="gpu", ctx_len=40),
              r"--ctx_len 40 is not a multiple of 16, which the WKV7 GPU kernel needs .* --wkv_impl torch", proj)
+
+
+def test_gpu_training_without_the_kernel_toolchain(data: tuple[Path, int], proj: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No nvcc/ninja on a GPU machine: an error before training, not a quiet ~25x slower WKV7."""
+    from torch.utils import cpp_extension
+    from src.wkv7 import kernel
+
+    prefix, n = data
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    kernel.toolchain_problem.cache_clear()
+    try:
+        rejected(tiny_flags(prefix, n, proj, accelerator="gpu"),
+                 r"the WKV7 GPU kernel cannot be built: nvcc \(CUDA toolkit\) was not found \(set CUDA_HOME.* "
+                 r"--wkv_impl torch", proj)
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+        monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+        kernel.toolchain_problem.cache_clear()
+        rejected(tiny_flags(prefix, n, proj, accelerator="gpu"), r"cannot be built: ninja is missing \(pip install ninja\)",
+                 proj)
+        # --wkv_impl torch needs no toolchain: the next check (the kernel's ctx_len rule) no longer applies either
+        monkeypatch.setattr(train, "build_trainer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("reached")))
+        with pytest.raises(RuntimeError, match="reached"):
+            train.main(tiny_flags(prefix, n, proj, accelerator="gpu", wkv_impl="torch", ctx_len=40,
+                                  magic_prime=largest_magic_prime(n, 40)))
+    finally:
+        kernel.toolchain_problem.cache_clear()
 
 
 def test_stage_3_needs_something_to_start_from(data: tuple[Path, int], tmp_path: Path) -> None:

@@ -590,7 +590,7 @@ def test_toolchain_is_probed_once_per_process(monkeypatch) -> None:
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
     monkeypatch.setattr(cpp_extension, "ROCM_HOME", "/opt/rocm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    K._toolchain_present.cache_clear()
+    K.toolchain_problem.cache_clear()
     try:
         r = torch.empty(1, 32, 2, 64, device="meta")
         assert not K.kernel_applicable(r)        # a meta tensor is not on a GPU: no probe
@@ -599,7 +599,7 @@ def test_toolchain_is_probed_once_per_process(monkeypatch) -> None:
             assert K.kernel_available("cuda:0")
         assert probes == [1]
     finally:
-        K._toolchain_present.cache_clear()       # later tests see the real toolchain again
+        K.toolchain_problem.cache_clear()       # later tests see the real toolchain again
 
 
 @pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="torch has a GPU toolkit")

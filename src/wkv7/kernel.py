@@ -49,13 +49,19 @@ _lock = threading.Lock()
 
 
 @functools.cache
-def _toolchain_present() -> bool:
-    """nvcc/hipcc and ninja are there. Asked once per process: is_ninja_available() starts a
-    `ninja --version` subprocess, and the dispatcher asks for every layer of every step."""
+def toolchain_problem() -> str | None:
+    """What is missing to build the kernel (nvcc/hipcc, ninja), or None when both are there. Asked
+    once per process: is_ninja_available() starts a `ninja --version` subprocess, and the
+    dispatcher asks for every layer of every step."""
     from torch.utils import cpp_extension  # heavy import, only when a GPU is there
 
-    home = cpp_extension.ROCM_HOME if torch.version.hip else cpp_extension.CUDA_HOME
-    return home is not None and cpp_extension.is_ninja_available()
+    hip = bool(torch.version.hip)
+    if (cpp_extension.ROCM_HOME if hip else cpp_extension.CUDA_HOME) is None:
+        return (f"{'hipcc (ROCm)' if hip else 'nvcc (CUDA toolkit)'} was not found (set "
+                f"{'ROCM_HOME' if hip else 'CUDA_HOME'} or put the compiler on PATH)")
+    if not cpp_extension.is_ninja_available():
+        return "ninja is missing (pip install ninja)"
+    return None
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -63,7 +69,7 @@ def kernel_available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return _toolchain_present()
+    return toolchain_problem() is None
 
 
 def _key_lines(log: str, limit: int = 25) -> str:
@@ -78,15 +84,9 @@ def _build(head_size: int, verbose: bool) -> KernelOps:
     from torch.utils import cpp_extension
 
     hip = bool(torch.version.hip)
-    home = cpp_extension.ROCM_HOME if hip else cpp_extension.CUDA_HOME
-    tool = "hipcc (ROCm)" if hip else "nvcc (CUDA toolkit)"
-    if home is None:
-        raise RuntimeError(
-            f"WKV7 kernel: cannot build, {tool} was not found (set {'ROCM_HOME' if hip else 'CUDA_HOME'} "
-            f"or put the compiler on PATH). {FALLBACK_HINT}"
-        )
-    if not cpp_extension.is_ninja_available():
-        raise RuntimeError(f"WKV7 kernel: cannot build, ninja is missing (pip install ninja). {FALLBACK_HINT}")
+    problem = toolchain_problem()
+    if problem is not None:
+        raise RuntimeError(f"WKV7 kernel: cannot build, {problem}. {FALLBACK_HINT}")
     defines = [f"-D_N_={head_size}", f"-D_CHUNK_LEN_={CHUNK_LEN}"]
     name = f"wkv7_n{head_size}_c{CHUNK_LEN}"
     try:
