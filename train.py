@@ -328,14 +328,32 @@ def write_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deepspeed_bf16_fields() -> set[str]:
+    """The keys DeepSpeed's "bf16" config section accepts (it refuses unknown ones; older versions
+    lack check_grad_overflow)."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    return set(DeepSpeedBF16Config.model_fields)
+
+
 def build_strategy(args: argparse.Namespace) -> Strategy | str:
     if args.strategy.startswith("deepspeed"):
         stage = int(args.strategy.split("_")[2])
         offload = args.strategy.endswith("_offload")
         bucket = int(args.ds_bucket_mb * 1_000_000)
-        return DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
-                                 allgather_bucket_size=bucket, reduce_bucket_size=bucket,
-                                 logging_batch_size_per_gpu=args.micro_bsz)
+        several = args.devices * args.num_nodes > 1
+        # overlap_comm: reduce buckets while backward runs; with one GPU there is nothing to overlap,
+        # and DeepSpeed then synchronizes the device at the end of every backward.
+        strategy = DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+                                     allgather_bucket_size=bucket, reduce_bucket_size=bucket, overlap_comm=several,
+                                     logging_batch_size_per_gpu=args.micro_bsz)
+        # Per-step host waits DeepSpeed adds by default: its throughput timer synchronizes the device
+        # three times a step (for numbers it never prints here), and the bf16 overflow check reads a flag
+        # back every step after ~7 kernels per gradient tensor. TrainingMonitor catches bad numbers
+        # instead: a NaN/inf loss stops training, and weights with NaN/inf are never saved.
+        strategy.config["timers"] = {"throughput": {"enabled": False}}
+        if args.precision == "bf16" and "check_grad_overflow" in _deepspeed_bf16_fields():
+            strategy.config["bf16"] = {"enabled": True, "check_grad_overflow": False}
+        return strategy
     if args.strategy == "ddp" or args.devices * args.num_nodes > 1:
         # Layer 0 never uses its v0/v1/v2 (kept for the checkpoint format); a static graph lets DDP
         # skip their gradients without searching for unused parameters every step.

@@ -250,7 +250,8 @@ class L2Wrap(torch.autograd.Function):
         else:
             scale = 1e-4 / mask.sum().clamp(min=1)
             push = max_logit * scale * mask.unsqueeze(-1).to(logits.dtype)
-        grad_logits = torch.zeros_like(logits).scatter_(-1, ids, push) * grad_loss
+        # Scaled before the scatter: (B,T,1) values, not another pass over the (B,T,V) gradient.
+        grad_logits = torch.zeros_like(logits).scatter_(-1, ids, push * grad_loss)
         return grad_loss, grad_logits, None
 
 

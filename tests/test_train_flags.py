@@ -211,3 +211,24 @@ def test_sft_exit_tokens_mean_one_pass_over_the_samples(data: tuple[Path, int], 
     assert steps == math.ceil(1001 / sft.real_bsz) and exit_tokens == steps * sft.real_bsz * CTX
     pre = train.parse_args(tiny_flags(prefix, n, proj, my_exit_tokens=n))
     assert train.plan_epochs(pre, samples_per_pass=1001) == (math.ceil(n / (pre.real_bsz * CTX)), n)
+
+
+@pytest.mark.parametrize("devices,precision", [(1, "bf16"), (2, "bf16"), (1, "fp16")])
+def test_deepspeed_config_has_no_per_step_host_waits(devices: int, precision: str) -> None:
+    """What build_strategy hands DeepSpeed, read back through DeepSpeed's own config parser: the
+    --ds_bucket_mb buckets, no throughput timer (3 device syncs a step), no bf16 overflow check (a
+    flag read back every step), overlap_comm only where there are several GPUs to overlap with."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    args = train.parse_args(["--accelerator", "gpu", "--strategy", "deepspeed_stage_2", "--precision", precision,
+                             "--ds_bucket_mb", "3", "--devices", str(devices)])
+    config = DeepSpeedConfig(dict(train.build_strategy(args).config, gradient_clipping=1.0))
+    zero = config.zero_config
+    assert (zero.stage, zero.reduce_bucket_size, zero.allgather_bucket_size) == (2, 3_000_000, 3_000_000)
+    assert zero.overlap_comm == (devices > 1)
+    assert not config.timers_config.enabled
+    if precision == "bf16":
+        assert config.bfloat16_config.enabled and not config.bfloat16_config.check_grad_overflow
+    else:   # fp16 keeps DeepSpeed's loss scaler, whose overflow check it needs; Lightning fills that section
+        assert not config.bfloat16_config.enabled
