@@ -1,7 +1,7 @@
 """Training speed and memory: tokens/s and peak memory of train.py's training steps, one table.
 
     python -m benchmarks.bench_train                  # CPU (fp32, bf16; eager and --compile 1), plus the GPU
-    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, DeepSpeed ZeRO-2 micro 16/32/64, compile
+    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, ZeRO-2 micro 16/32/64, bucket 200, one-GPU auto, compile
     python -m benchmarks.bench_train --quick          # fewer steps
 
 A second table times one optimizer step (AdamW per-tensor loop, foreach, fused) at the same size.
@@ -52,7 +52,7 @@ def configs(device: str, quick: bool) -> list[dict[str, Any]]:
             gpu = dict(accelerator="gpu", precision="bf16", warmup=gpu_steps[0], steps=gpu_steps[1])
             out += [dict(gpu, strategy=ds, micro_bsz=b, ds_bucket_mb=2, compile=0) for b in (16, 32, 64)]
             out += [dict(gpu, strategy=ds, micro_bsz=64, ds_bucket_mb=200, compile=c) for c in (0, 1)]
-            out += [dict(gpu, strategy="auto", micro_bsz=32, ds_bucket_mb=2, compile=c) for c in (0, 1)]
+            out += [dict(gpu, strategy="auto", micro_bsz=64, ds_bucket_mb=2, compile=c) for c in (0, 1)]
         elif device == "cuda":
             print("no CUDA/ROCm device: nothing to measure with --device cuda")
     return out
