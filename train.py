@@ -331,7 +331,10 @@ def write_init(args: argparse.Namespace) -> int:
 def _deepspeed_bf16_fields() -> set[str]:
     """The keys DeepSpeed's "bf16" config section accepts (it refuses unknown ones; older versions
     lack check_grad_overflow)."""
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:   # DeepSpeed before ~0.17 has no such module (nor the key)
+        return set()
     return set(DeepSpeedBF16Config.model_fields)
 
 
@@ -460,6 +463,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
 if __name__ == "__main__":
     # Lightning's hint to add DataLoader workers does not apply: samples are memory-mapped slices.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # RWKV overrides configure_gradient_clipping (to clip for fused torch optimizers); under DeepSpeed it
+    # hands over to Lightning's own clipping, a no-op there, as DeepSpeed clips from --grad_clip itself.
+    warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally.*")
     try:
         sys.exit(main())
     except TrainingError as e:

@@ -122,7 +122,7 @@ def optimizer_rows(device: str, repeats: int = 7) -> list[tuple[str, ...]]:
             p.grad = torch.randn_like(p) * 1e-3
     times = {}
     for name, kw in (("per-tensor loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
-                     ("fused (train.py)", dict(fused=True))):
+                     ("fused (train.py without DeepSpeed, not fp16)", dict(fused=True))):
         opt = torch.optim.AdamW(model.optimizer_groups(), lr=1e-6, betas=(0.9, 0.99), eps=1e-18, **kw)
         samples = []
         for _ in range(repeats + 1):
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) in this process
     opts = ap.parse_args()
+    import torch   # after argparse: --help stays fast
     if opts.one:
         print("RESULT " + json.dumps(run_one(json.loads(opts.one))), flush=True)
         return
@@ -181,7 +182,6 @@ def main() -> None:
     print(markdown_table(["device", "precision", "strategy", "bucket MB", "compile", "micro_bsz", "step ms",
                           "tokens/s", "peak GiB", "note"], cells, "lllrrrrrrl"))
 
-    import torch
     devices = [d for d, on in (("cpu", opts.device in ("all", "cpu")),
                                ("cuda", opts.device in ("all", "cuda") and torch.cuda.is_available())) if on]
     print("\nOne AdamW step over L8-D512's 34.2M parameters (fp32), median after a warm-up")

@@ -426,7 +426,9 @@ class RWKV(pl.LightningModule):
         # Fused (one kernel over all tensors; 3x faster than the per-tensor loop on CPU at L8-D512)
         # except under fp16, whose loss scaler must unscale before clipping: a fused optimizer would
         # unscale inside its step instead (see configure_gradient_clipping).
-        fused = self.trainer.precision != "16-mixed" and self.device.type in ("cpu", "cuda")
+        # (_trainer: configure_optimizers also works on a model not attached to a Trainer, as fp32)
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        fused = precision != "16-mixed" and self.device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else on_gpu, **kwargs)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -435,8 +437,9 @@ class RWKV(pl.LightningModule):
         one unscales inside its step); ours is fused only without a loss scaler, so its gradients are
         the true ones and are clipped here directly."""
         if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
-            assert gradient_clip_algorithm in (None, "norm"), \
-                f"gradient_clip_algorithm {gradient_clip_algorithm!r}: only 'norm' is supported with a fused optimizer"
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm {gradient_clip_algorithm!r} is not supported with a fused "
+                                 "optimizer: use Trainer(gradient_clip_algorithm='norm') (what train.py passes)")
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

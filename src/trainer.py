@@ -433,8 +433,15 @@ class TrainingMonitor(pl.Callback):
                                                       tag="state", load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
             return
+        optimizer = trainer.optimizers[0]
+        saved = self.resume["optimizer"]
+        # load_state_dict takes every group setting from the file, also how the step runs (fused,
+        # foreach), which belongs to this run (states saved before AdamW was fused would turn it off).
+        how = ("fused", "foreach", "capturable")
+        saved = {**saved, "param_groups": [
+            {**g, **{k: own[k] for k in how if k in own}} for g, own in zip(saved["param_groups"], optimizer.param_groups)]}
         try:
-            trainer.optimizers[0].load_state_dict(self.resume["optimizer"])
+            optimizer.load_state_dict(saved)
         except ValueError as e:
             raise TrainingError(f"the saved optimizer state does not fit this model's parameter groups ({e}); "
                                 "delete the .state.pth file for a weights-only resume") from e
@@ -457,9 +464,7 @@ class ProgressBar(TQDMProgressBar):
         self.monitor = monitor
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)   # logger=False: no version to show
-        return {**metrics, **self.monitor.progress}
+        return {**super().get_metrics(trainer, pl_module), **self.monitor.progress}
 
 
 def _remove_older_states(weights: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -244,6 +245,11 @@ def test_optimizer_groups() -> None:
     opt = model.configure_optimizers()
     assert all((g["lr"], g["betas"], g["eps"]) == (7e-4, (0.8, 0.95), 1e-18) for g in opt.param_groups)
     assert opt.defaults["fused"]   # no loss scaler under bf16: one fused kernel for all parameters
+    # fp16's loss scaler must unscale before clipping, which a fused optimizer would do inside its step
+    model.trainer = SimpleNamespace(precision="16-mixed", strategy=None)
+    assert not model.configure_optimizers().defaults["fused"]
+    model.trainer = None   # not attached to a Trainer: fp32
+    assert model.configure_optimizers().defaults["fused"]
     assert trainable == set(names.values()) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 
 

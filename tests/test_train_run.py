@@ -88,7 +88,8 @@ class Recorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         groups = trainer.optimizers[0].param_groups
         self.rows.append({"loss": float(outputs["loss"]), "lr": [g["lr"] / g["my_lr_scale"] for g in groups],
-                          "scale": [g["my_lr_scale"] for g in groups], "x": batch[0].tolist()})
+                          "scale": [g["my_lr_scale"] for g in groups], "x": batch[0].tolist(),
+                          "fused": [g["fused"] for g in groups]})
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -217,6 +218,14 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     last = max(int(p.stem.split("-")[1]) for p in proj_b.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
     assert last >= 1
 
+    # An optimizer state as saved before AdamW was fused: its groups say how to step (fused None,
+    # foreach False); the resumed run must still step fused, as this code builds it.
+    state_file = proj_b / f"rwkv-{last}.state.pth"
+    state = torch.load(state_file, weights_only=True)
+    for g in state["optimizer"]["param_groups"]:
+        g.update(fused=None, foreach=False)
+    torch.save(state, state_file)
+
     # B': rerun the same command; it resumes from rwkv-<last>.pth with its optimizer state
     rec_b = Recorder()
     assert train.main(tiny_flags(data, n, proj_b, **flags), callbacks=[rec_b]) == 0
@@ -226,6 +235,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
         assert b["x"] == a["x"]                                   # the same next samples
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)      # the same schedule position, no new warmup
         assert b["loss"] == a["loss"]                              # bit for bit (same threads, same ops)
+        assert b["fused"] == a["fused"] == [True] * 3
     assert f"exact resume with optimizer state rwkv-{last}.state.pth" in (proj_b / "train_log.txt").read_text()
 
     # control: the same weights without their optimizer state resume weights-only and drift apart
