@@ -12,7 +12,7 @@ import torch
 from data.make_data import make_data
 from src.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, open_mask
 from src.dataset import PretrainDataset, SFTDataset, pack_starts
-from src.sampler import SAMPLES_PER_EPOCH, is_prime, magic_prime
+from src.sampler import SAMPLES_PER_EPOCH, is_prime, magic_prime, magic_prime_problem
 from src.tokenizer import IM_END, load_tokenizer
 
 
@@ -105,6 +105,25 @@ def test_wrong_magic_prime_prints_the_right_one(tmp_path):
         PretrainDataset(tmp_path / "d", 16, right, world_size=3, micro_bsz=11)
     with pytest.raises(ValueError, match="rank 4 is outside"):
         PretrainDataset(tmp_path / "d", 16, right, rank=4, world_size=4)
+
+
+def test_the_last_window_needs_ctx_len_plus_1_tokens(tmp_path):
+    """p windows of ctx_len: the last starts at (p-1)*ctx_len and reads ctx_len+1 tokens (x and its shifted
+    y), so p = 1013 at ctx_len 4 needs 4053 tokens; 4052 hold 1013 windows of 4 but not the last target."""
+    assert is_prime(1013) and 1013 % 3 == 2
+    assert "need more than the 4052 tokens" in magic_prime_problem(1013, 4052, 4)
+    assert magic_prime_problem(1013, 4053, 4) is None
+    rng = np.random.default_rng(0)
+    write_random_bin(tmp_path / "short", 4052, rng)
+    with pytest.raises(ValueError, match=r"--magic_prime 1013 is wrong .*need more than the 4052 tokens.* "
+                                         r"Use --magic_prime 983 --my_exit_tokens 4052"):
+        PretrainDataset(tmp_path / "short", 4, 1013)
+    toks = write_random_bin(tmp_path / "fits", 4053, rng)
+    ds = PretrainDataset(tmp_path / "fits", 4, 1013, n_epochs=1, samples_per_epoch=1024, micro_bsz=1)
+    starts = [ds.window_start(i) for i in range(1013)]
+    assert sorted(starts) == list(range(0, 4052, 4))
+    x, y = ds[starts.index(4048)]
+    assert torch.equal(x, torch.from_numpy(toks[4048:4052])) and torch.equal(y, torch.from_numpy(toks[4049:4053]))
 
 
 # -------------------------------------------------------------------------------------------- SFT

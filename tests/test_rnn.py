@@ -6,6 +6,7 @@ the terms they multiply.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -109,8 +110,10 @@ def test_state_carries_across_calls_and_is_not_modified(ckpt):
     b2, _ = decode_all(rnn, ids[20:23], state)
     assert torch.equal(b, b2)
     # a state in another dtype (e.g. from an fp32 run) is converted, not rejected
-    b3, _ = decode_all(rnn, ids[20:23], [s.float() for s in state])
+    f32 = [s.float() for s in state]
+    b3, _ = decode_all(rnn, ids[20:23], f32)
     torch.testing.assert_close(b3, b, rtol=0, atol=1e-4)
+    assert all(s.dtype == torch.float32 for s in f32), "the caller's list must not be converted in place"
 
 
 def test_state_layout_matches_model_forward_with_state(ckpt):
@@ -173,6 +176,15 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
     shaped = dict(sd, **{"blocks.2.att.w1": torch.zeros(64, 40)})
     with pytest.raises(CheckpointError, match=r"blocks\.2\.att\.w1 has shape \[64, 40\], expected \[64, 32\]"):
         RWKV_RNN(_save(tmp_path, shaped))
+    listed = dict(sd, **{"emb.weight": sd["emb.weight"].tolist()})
+    with pytest.raises(CheckpointError, match=r"entry 'emb\.weight' is a list, expected str -> Tensor"):
+        RWKV_RNN(_save(tmp_path, listed))
+    ints = dict(sd, **{"head.weight": sd["head.weight"].long()})
+    with pytest.raises(CheckpointError, match=r"head\.weight has dtype torch\.int64, expected a floating point"):
+        RWKV_RNN(_save(tmp_path, ints))
+    heads = dict(sd, **{"blocks.0.att.r_k": torch.zeros(4, 32)})    # 4 heads of 32 = 128, but n_embd is 64
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.att\.r_k is \[4, 32\] but emb\.weight says n_embd=64"):
+        RWKV_RNN(_save(tmp_path, heads))
     v6 = {k.replace("att.x_r", "att.time_maa_r"): v for k, v in sd.items() if "r_k" not in k}
     with pytest.raises(CheckpointError, match="RWKV-4/5/6"):
         RWKV_RNN(_save(tmp_path, v6))
@@ -241,10 +253,37 @@ def test_bad_tokens_and_states_are_rejected(ckpt):
         rnn.forward([1, 97], None)
     with pytest.raises(ValueError, match="token id -1 is outside"):
         rnn.forward(-1, None)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        rnn.forward([5, -1], None)
     with pytest.raises(ValueError, match="no tokens"):
         rnn.forward([], None)
     with pytest.raises(ValueError, match="state has 2 tensors"):
         rnn.forward(1, rnn.empty_state()[:2])
+    for i, shape in ((4, (4, 16, 17)), (0, (65,)), (8, (1, 64))):
+        bad = rnn.empty_state()
+        bad[i] = torch.zeros(shape)
+        for tokens in (1, [1, 2]):
+            with pytest.raises(ValueError, match=rf"state\[{i}\] has shape {re.escape(str(shape))}, expected"):
+                rnn.forward(tokens, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_the_wkv_state_in_float32(ckpt, dtype):
+    """The half-precision paths (here on the CPU): x_prev in the model dtype, the wkv state float32."""
+    path, model64 = ckpt
+    ids = torch.randint(0, CFG["vocab_size"], (33,), generator=torch.Generator().manual_seed(33)).tolist()
+    ref = ref_logits(model64, ids)
+    rnn = RWKV_RNN(path, dtype=dtype)
+    assert [s.dtype for s in rnn.empty_state()[:3]] == [dtype, torch.float32, dtype]
+    prefill, state_p = rnn.forward(ids, None, full_output=True)
+    decoded, state_d = decode_all(rnn, ids)
+    assert prefill.dtype == decoded.dtype == dtype
+    for state in (state_p, state_d):
+        assert [s.dtype for s in state] == [dtype, torch.float32, dtype] * CFG["n_layer"]
+    tol = dict(rtol=0, atol=(0.03 if dtype == torch.bfloat16 else 0.01) * ref.abs().max().item())
+    torch.testing.assert_close(prefill.double(), ref, **tol)
+    torch.testing.assert_close(decoded.double(), ref, **tol)
+    torch.testing.assert_close(state_d[1], state_p[1], rtol=0, atol=0.03 * state_p[1].abs().max().item())
 
 
 @pytest.mark.gpu

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 
 import train
 from src.trainer import TrainingError
-from tests.test_train_run import CTX, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import CTX, MICRO_BSZ, MODEL, largest_magic_prime, tiny_flags, write_progressions
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -200,6 +201,10 @@ def test_epoch_begin_past_the_end_of_a_new_run(data: tuple[Path, int], proj: Pat
     rejected(tiny_flags(prefix, n, fresh, load_model=proj / "rwkv-init.pth", epoch_begin=10),
              r"--epoch_begin 10 starts at step 40, past this run's 16 steps: use at most 3", fresh)
     assert not (fresh / "rwkv-final.pth").exists()
+    # the first step past the end (mini-epoch 4 starts at step 16) is past it too
+    rejected(tiny_flags(prefix, n, fresh, load_model=proj / "rwkv-init.pth", epoch_begin=4),
+             r"--epoch_begin 4 starts at step 16, past this run's 16 steps: use at most 3", fresh)
+    assert not (fresh / "rwkv-final.pth").exists()
 
 
 def test_sft_exit_tokens_mean_one_pass_over_the_samples(data: tuple[Path, int], proj: Path) -> None:
@@ -232,3 +237,58 @@ def test_deepspeed_config_has_no_per_step_host_waits(devices: int, precision: st
         assert config.bfloat16_config.enabled and not config.bfloat16_config.check_grad_overflow
     else:   # fp16 keeps DeepSpeed's loss scaler, whose overflow check it needs; Lightning fills that section
         assert not config.bfloat16_config.enabled
+
+
+def test_mini_epoch_counts_every_process_of_every_node(data: tuple[Path, int], proj: Path) -> None:
+    """real_bsz = num_nodes x devices x micro_bsz; a mini-epoch is 40320 samples of that (SPEC)."""
+    prefix, n = data
+    args = train.parse_args(tiny_flags(prefix, n, proj, num_nodes=3, devices=2, micro_bsz=4, epoch_steps=0))
+    assert train.plan_epochs(args, samples_per_pass=10**6) == (4 * 1680, 4 * 1680 * 24 * CTX)
+    assert (args.real_bsz, args.epoch_steps, args.epoch_count) == (24, 40320 // 24, 4)
+
+
+def test_epoch_count_0_trains_every_whole_mini_epoch_of_the_data(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    args = train.parse_args(tiny_flags(prefix, n, proj, epoch_count=0))     # 4 steps x 4 samples a mini-epoch
+    assert train.plan_epochs(args, samples_per_pass=1000) == (62 * 4, 62 * 4 * MICRO_BSZ * CTX)
+    assert args.epoch_count == 62
+    args = train.parse_args(tiny_flags(prefix, n, proj, epoch_count=62))    # all of them, asked for by number
+    assert train.plan_epochs(args, samples_per_pass=1000) == (62 * 4, 62 * 4 * MICRO_BSZ * CTX)
+
+
+def test_where_a_run_starts(tmp_path: Path) -> None:
+    """proj_dir's own rwkv-N.pth (N >= 0, also 0) first, then --load_model, then proj_dir/rwkv-init.pth."""
+    proj, other = tmp_path / "proj", tmp_path / "pretrain-final.pth"
+    proj.mkdir()
+    other.write_bytes(b"x")
+    (proj / "rwkv-init.pth").write_bytes(b"x")
+
+    def start(**over: object) -> tuple[Path, int, bool]:
+        flags = {"proj_dir": proj, "epoch_begin": 2, **over}
+        return train.find_start(train.parse_args([s for k, v in flags.items() for s in (f"--{k}", str(v))]))
+
+    assert start() == (proj / "rwkv-init.pth", 2, False)
+    assert start(load_model=other) == (other, 2, False)          # an SFT proj_dir may hold a stage-1 init
+    (proj / "rwkv-0.pth").write_bytes(b"x")
+    assert start(load_model=other) == (proj / "rwkv-0.pth", 1, True)   # after mini-epoch 0: continue at 1
+    (proj / "rwkv-7.pth").write_bytes(b"x")
+    assert start() == (proj / "rwkv-7.pth", 8, True)
+
+
+def test_strategy_for_the_machine(tmp_path: Path) -> None:
+    def strategy(*argv: str):
+        return train.build_strategy(train.parse_args(["--proj_dir", str(tmp_path), *argv]))
+
+    assert strategy() == "auto"
+    assert isinstance(strategy("--strategy", "ddp"), DDPStrategy)
+    assert isinstance(strategy("--devices", "2"), DDPStrategy)
+    assert isinstance(strategy("--num_nodes", "2"), DDPStrategy)       # one GPU on each of two machines
+    zero2 = strategy("--strategy", "deepspeed_stage_2_offload", "--ds_bucket_mb", "2")
+    assert isinstance(zero2, DeepSpeedStrategy)
+    z = zero2.config["zero_optimization"]
+    assert z["stage"] == 2 and z["offload_optimizer"]["device"] == "cpu" and "offload_param" not in z
+    assert z["allgather_bucket_size"] == z["reduce_bucket_size"] == 2_000_000
+    z = strategy("--strategy", "deepspeed_stage_3_offload").config["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    z = strategy("--strategy", "deepspeed_stage_3").config["zero_optimization"]
+    assert z["stage"] == 3 and "offload_optimizer" not in z and "offload_param" not in z

@@ -249,6 +249,35 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     assert max(abs(c["loss"] - b["loss"]) for b, c in zip(rec_b.rows[1:], rec_c.rows[1:])) > 1e-3
 
 
+def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> None:
+    """A --load_model start at mini-epoch 1 warms up from its fresh optimizer (warm_step 0 at step 4);
+    the state it saves keeps that count, so an exact resume continues the same warmup, not one counted
+    from step 0."""
+    data = tmp_path / "prog"
+    n = write_progressions(data, seed=6)
+    init = tmp_path / "init"
+    assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    proj = tmp_path / "proj"
+    flags = dict(load_model=init / "rwkv-init.pth", epoch_begin=1, warmup_steps=20)
+    rec = Recorder()
+    assert train.main(tiny_flags(data, n, proj, epoch_count=3, **flags), callbacks=[rec]) == 0   # steps 4..11
+    tps = MICRO_BSZ * CTX
+    for k, row in enumerate(rec.rows):
+        assert row["lr"][0] == pytest.approx(hand_lr(4 + k, k, 3e-3, 3e-4, 20, tps, 12 * tps), rel=1e-12)
+    state = torch.load(proj / "rwkv-2.state.pth", weights_only=True)
+    assert (state["step"], state["warm_step"]) == (12, 8)
+
+    # one more mini-epoch of the same run: it resumes exactly from rwkv-2 with 8 warmup steps taken
+    (proj / "rwkv-final.pth").unlink()
+    rec = Recorder()
+    assert train.main(tiny_flags(data, n, proj, epoch_count=4, **flags), callbacks=[rec]) == 0   # steps 12..15
+    assert "exact resume with optimizer state rwkv-2.state.pth" in (proj / "train_log.txt").read_text()
+    assert len(rec.rows) == 4
+    for k, row in enumerate(rec.rows):
+        assert row["lr"][0] == pytest.approx(hand_lr(12 + k, 8 + k, 3e-3, 3e-4, 20, tps, 16 * tps), rel=1e-12)
+
+
 class PoisonWeights(pl.Callback):
     """Before step `at` (0-based, counted in this run), set a parameter to NaN."""
 
@@ -310,6 +339,7 @@ def test_run_ending_inside_a_mini_epoch_loads_exactly_its_steps(tmp_path: Path) 
     assert count.total == count.steps == steps
     assert epoch_lines(proj)[-1]["steps"] == steps
     assert (proj / "train_log.txt").read_text().rstrip().endswith("partial 1")
+    assert (proj / "rwkv-final.pth").is_file()           # the run ended: its weights are saved, partial or not
 
 
 def test_progress_bar_shows_the_monitors_numbers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

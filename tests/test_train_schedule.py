@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, find_resume_checkpoint, load_resume_state,
-                         plot_train_log, read_train_log, save_atomic, state_path)
+from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, _remove_older_states, find_resume_checkpoint,
+                         load_resume_state, plot_train_log, read_train_log, save_atomic, state_path)
 
 
 def schedule(**over: float) -> Schedule:
@@ -41,6 +41,9 @@ def test_schedule_edge_cases() -> None:
     assert schedule(lr_final=0.0).lr(110, 110) == 0.0
     # a run shorter than its warmup sits at lr_final (times the warmup factor)
     assert schedule(exit_tokens=5000).lr(3, 3) == pytest.approx(1e-4 * (0.01 + 0.99 * 0.3), rel=1e-12)
+    # a run exactly as long as its warmup (10 steps x 1000 tokens): no cosine span, lr_final, no division by zero
+    assert schedule(exit_tokens=10_000).lr(10, 10) == pytest.approx(1e-4, rel=1e-12)
+    assert schedule(exit_tokens=10_000).lr(4, 4) == pytest.approx(1e-4 * (0.01 + 0.99 * 0.4), rel=1e-12)
 
 
 def test_find_resume_checkpoint_picks_the_highest_number(tmp_path: Path) -> None:
@@ -75,6 +78,13 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     save_atomic({**state, "plan": {**plan.resume_key(), "real_bsz": 8}}, state_path(weights))
     got, why = load_resume_state(weights, plan)
     assert got is None and "'real_bsz': 8" in why and "'real_bsz': 4" in why
+    # another mini-epoch length puts other samples at each step: the same real_bsz and ctx_len are not enough
+    other_epochs = dataclasses.replace(plan, epoch_steps=2)
+    got, why = load_resume_state(weights, other_epochs)
+    assert got is None and "'epoch_steps': 5" in why and "'epoch_steps': 2" in why
+    # a state file of another format version is not read
+    save_atomic({**state, "format": 2}, state_path(weights))
+    assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth has format 2, this code reads 1")
     save_atomic({**state, "step": 15}, state_path(weights))
     assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth is at step 15, rwkv-1.pth ends at step 10")
     # DeepSpeed's optimizer state and torch's are not interchangeable: weights only, either way
@@ -90,6 +100,10 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     (tmp_path / "rwkv-1.ds").mkdir()
     assert load_resume_state(weights, ds_plan) == (
         None, "its DeepSpeed optimizer shards come from 2 processes, this run has 1")
+    # ... in either direction: fewer processes than this run's are no better
+    assert load_resume_state(weights, dataclasses.replace(ds_plan, world_size=4)) == (
+        None, "its DeepSpeed optimizer shards come from 2 processes, this run has 4")
+    assert load_resume_state(weights, dataclasses.replace(ds_plan, world_size=2))[0] == {**state, "deepspeed_dir": "rwkv-1.ds"}
 
 
 def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
@@ -110,6 +124,39 @@ def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
     assert spikes == [f"loss spike at step 151: 5.0000 vs running mean {ema:.4f} (lr 0.000e+00)"]
     assert monitor.epoch.spikes == 1 and monitor.epoch.steps == len(losses)
     assert monitor.progress["loss"] == pytest.approx(sum(losses) / len(losses))
+
+
+def test_no_spike_warning_before_the_running_mean_has_its_steps(tmp_path: Path) -> None:
+    """A loss of 3x the running mean is a spike only after SPIKE_MIN_STEPS (100) steps of this run."""
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=1000, start_step=500,
+                   total_steps=10_000, epoch_save=1)
+    monitor = TrainingMonitor(plan, schedule(), header=[])
+    losses = [1.0] * 99 + [3.0, 3.0]     # run steps 100 (too early to judge) and 101 (judged)
+    with pytest.warns(UserWarning) as caught:
+        for loss in losses:
+            monitor.step += 1
+            monitor.run_steps += 1
+            monitor._track(StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
+    spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
+    assert spikes == ["loss spike at step 601: 3.0000 vs running mean 1.0200 (lr 0.000e+00)"]
+    assert monitor.epoch.spikes == 1
+
+
+def test_older_resume_states_are_removed_but_their_weights_stay(tmp_path: Path) -> None:
+    """After rwkv-3.pth and its state are saved: older .state.pth files and DeepSpeed .ds folders go,
+    every rwkv-N.pth, rwkv-init/final and anything not named like a state stays."""
+    for name in ("rwkv-init.pth", "rwkv-0.pth", "rwkv-0.state.pth", "rwkv-2.pth", "rwkv-2.state.pth",
+                 "rwkv-3.pth", "rwkv-3.state.pth", "rwkv-12.state.pth", "rwkv-final.pth", "rwkv-1.state.pth.bak",
+                 "train_log.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    for folder in ("rwkv-0.ds", "rwkv-2.ds", "rwkv-3.ds"):
+        (tmp_path / folder / "state").mkdir(parents=True)
+        (tmp_path / folder / "state" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    _remove_older_states(tmp_path / "rwkv-3.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["rwkv-init.pth", "rwkv-0.pth", "rwkv-2.pth", "rwkv-3.pth", "rwkv-3.state.pth", "rwkv-3.ds",
+         "rwkv-12.state.pth", "rwkv-final.pth", "rwkv-1.state.pth.bak", "train_log.txt"])
+    assert (tmp_path / "rwkv-3.ds" / "state" / "mp_rank_00_model_states.pt").is_file()
 
 
 def test_loss_curve_svg(tmp_path: Path) -> None:
