@@ -5,6 +5,10 @@ Skipped without a CUDA/ROCm device. Tiny model (L2-D128, head size 64 for the ke
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,16 +16,17 @@ import torch
 
 from src.model import RWKV, ModelConfig
 from src.trainer import read_train_log
-from tests.test_train_run import CTX, largest_magic_prime, run_cli, write_progressions
+from tests.test_train_run import CTX, REPO, largest_magic_prime, run_cli, write_progressions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
 GPU_MODEL = dict(n_layer=2, n_embd=128, head_size=64, vocab_size=64)
+EPOCHS = 8   # mini-epochs of 5 steps: long enough to kill a run between its saves
 
 
 def gpu_flags(data: Path, n: int, proj: Path, **over: object) -> list[str]:
     flags: dict[str, object] = dict(
-        proj_dir=proj, data_file=data, ctx_len=CTX, micro_bsz=8, epoch_steps=5, epoch_count=3, my_exit_tokens=0,
+        proj_dir=proj, data_file=data, ctx_len=CTX, micro_bsz=8, epoch_steps=5, epoch_count=EPOCHS, my_exit_tokens=0,
         magic_prime=largest_magic_prime(n, CTX), lr_init=3e-3, lr_final=3e-4, warmup_steps=3, precision="bf16",
         accelerator="gpu", strategy="deepspeed_stage_2", ds_bucket_mb=2, enable_progress_bar="False", **GPU_MODEL)
     flags.update(over)
@@ -29,33 +34,46 @@ def gpu_flags(data: Path, n: int, proj: Path, **over: object) -> list[str]:
 
 
 def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None:
-    data, full, resumed = tmp_path / "prog", tmp_path / "full", tmp_path / "resumed"
+    data, full, killed = tmp_path / "prog", tmp_path / "full", tmp_path / "killed"
     n = write_progressions(data, n_docs=600, seed=21)
     r = run_cli(["--train_stage", "1", "--proj_dir", str(full), "--precision", "bf16",
                  *[s for k, v in GPU_MODEL.items() for s in (f"--{k}", str(v))]])
     assert r.returncode == 0, r.stderr
+    killed.mkdir()
+    shutil.copy(full / "rwkv-init.pth", killed / "rwkv-init.pth")
     r = run_cli(gpu_flags(data, n, full))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     rows = read_train_log(full / "train_log.txt")
-    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
+    assert len(rows) == EPOCHS and rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
 
-    # weights: SPEC keys, bf16 as DeepSpeed trains them; the optimizer state is DeepSpeed's own folder
+    # weights: SPEC keys, bf16 as DeepSpeed trains them; the optimizer state is DeepSpeed's own folder,
+    # and only the newest one is kept
     sd = torch.load(full / "rwkv-final.pth", weights_only=True)
     model = RWKV(ModelConfig(**GPU_MODEL))
     assert list(sd) == list(model.state_dict()) and all(v.dtype == torch.bfloat16 for v in sd.values())
-    assert (full / "rwkv-0.ds").is_dir() and torch.load(full / "rwkv-0.state.pth")["deepspeed_dir"] == "rwkv-0.ds"
+    last = EPOCHS - 1
+    assert torch.load(full / f"rwkv-{last}.state.pth")["deepspeed_dir"] == f"rwkv-{last}.ds"
+    assert sorted(p.name for p in full.iterdir() if p.name.endswith((".ds", ".state.pth"))) == \
+        [f"rwkv-{last}.ds", f"rwkv-{last}.state.pth"]
 
-    # the state after mini-epoch 0 alone (as a killed run leaves it) resumes to the same losses
-    resumed.mkdir()
-    for name in ("rwkv-0.pth", "rwkv-0.state.pth"):
-        shutil.copy(full / name, resumed / name)
-    shutil.copytree(full / "rwkv-0.ds", resumed / "rwkv-0.ds")
-    r = run_cli(gpu_flags(data, n, resumed))
+    # the same run killed (SIGKILL: no cleanup) once rwkv-1.pth exists resumes from its newest state
+    # to the uninterrupted run's numbers
+    proc = subprocess.Popen([sys.executable, "train.py", *gpu_flags(data, n, killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "rwkv-1.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    # resume goes on from the highest rwkv-N.pth, whose state is kept until a newer rwkv-N.pth is written
+    newest = max(int(p.stem.split("-")[1]) for p in killed.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
+    assert 1 <= newest < EPOCHS - 1 and (killed / f"rwkv-{newest}.ds").is_dir(), newest
+    r = run_cli(gpu_flags(data, n, killed))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "exact resume with optimizer state rwkv-0.state.pth" in (resumed / "train_log.txt").read_text()
-    again = read_train_log(resumed / "train_log.txt")
-    assert [int(x["epoch"]) for x in again] == [1, 2]
-    for a, b in zip(rows[1:], again):
+    assert f"exact resume with optimizer state rwkv-{newest}.state.pth" in (killed / "train_log.txt").read_text()
+    again = read_train_log(killed / "train_log.txt")[-(EPOCHS - 1 - newest):]   # the resumed run's lines
+    assert [int(x["epoch"]) for x in again] == list(range(newest + 1, EPOCHS))
+    for a, b in zip(rows[newest + 1:], again):
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
 
