@@ -21,8 +21,8 @@ Two paths give the same numbers (to float rounding; tests/test_rnn.py):
 - one token: a matrix-vector step written for low per-token overhead; it reads the same weight
   matrices as the parallel model (no copies) and updates the wkv state with two rank-1 products.
 
-dtype: float32 (CPU or GPU), float16/bfloat16 (GPU; the wkv state stays float32), float64 (CPU, for
-tests: then the wkv state is float64 too).
+dtype: float32, float16/bfloat16 (meant for GPUs, also run on CPUs; the wkv state stays float32),
+float64 (CPU, for tests: then the wkv state is float64 too).
 """
 from __future__ import annotations
 

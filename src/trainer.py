@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -186,9 +187,13 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
     path = state_path(weights)
     if not path.is_file():
         return None, f"{path.name} not found"
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        return None, f"{path.name} has format {state.get('format')}, this code reads {STATE_FORMAT}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:   # e.g. a file cut short by hand
+        return None, f"{path.name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        return None, f"{path.name} has format {found}, this code reads {STATE_FORMAT}"
     if state["plan"] != plan.resume_key():
         return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
     if state["step"] != plan.start_step:

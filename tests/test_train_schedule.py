@@ -82,6 +82,12 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     other_epochs = dataclasses.replace(plan, epoch_steps=2)
     got, why = load_resume_state(weights, other_epochs)
     assert got is None and "'epoch_steps': 5" in why and "'epoch_steps': 2" in why
+    # a state file that cannot be read (cut short) or holds something else: weights only, saying why
+    state_path(weights).write_bytes(b"PK\x03\x04 cut short")
+    got, why = load_resume_state(weights, plan)
+    assert got is None and why.startswith("rwkv-1.state.pth cannot be read (")
+    save_atomic([1, 2], state_path(weights))
+    assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth has format list, this code reads 1")
     # a state file of another format version is not read
     save_atomic({**state, "format": 2}, state_path(weights))
     assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth has format 2, this code reads 1")
