@@ -22,7 +22,7 @@ and holds ctx_len+1 tokens:
 - mode "pad": the document alone, padded with token 0.
 A pass is a deterministic permutation of the samples (numpy PCG64 seeded with (seed, pass number));
 sample g is item g % n_samples of pass g // n_samples, so ranks never share a sample within a pass.
-Returns (x, y, mask): mask (ctx_len,) float32 aligned with y, 1 where y is an assistant token or its
+Returns (x, y, mask): mask (ctx_len,) uint8 aligned with y, 1 where y is an assistant token or its
 <|im_end|> (from PREFIX.mask), 0 elsewhere and on padding. whole_sequence=True trains on every real
 token instead (mask 1 except on padding), as the original project did; it needs no .mask file.
 """
@@ -98,7 +98,7 @@ def pack_starts(doc_starts: np.ndarray, doc_sizes: np.ndarray, span: int) -> np.
 
 
 class SFTDataset(Dataset):
-    """Document-aligned samples of data_file; item i -> (x, y, mask) long/long/float32 (ctx_len,)."""
+    """Document-aligned samples of data_file; item i -> (x, y, mask) long/long/uint8 (ctx_len,)."""
 
     MODES = ("pack", "pad")
 
@@ -150,9 +150,10 @@ class SFTDataset(Dataset):
         span = self.ctx_len + 1
         tok = np.zeros(span, dtype=np.int64)  # (ctx_len+1,) padded with token 0
         tok[:n] = self.data.tokens[s:s + n]
-        m = np.zeros(span, dtype=np.float32)
+        # uint8 as in the .mask file: under DeepSpeed Lightning would cast a float mask to bf16 every step
+        m = np.zeros(span, dtype=np.uint8)
         if self.whole_sequence:
-            m[:n] = 1.0
+            m[:n] = 1
         else:
             if self._mask is None:
                 self._mask = open_mask(self.data.prefix, self.data.num_tokens)

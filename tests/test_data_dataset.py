@@ -193,14 +193,14 @@ def test_sft_items_are_disjoint_permutations_with_aligned_masks(tmp_path, mode):
     doc_starts = set(data.item_starts().tolist())
     for i in range(0, len(ranks[0]), 7):
         x, y, m = ranks[0][i]
-        assert x.shape == y.shape == m.shape == (ctx,) and m.dtype == torch.float32
+        assert x.shape == y.shape == m.shape == (ctx,) and m.dtype == torch.uint8
         s = int(ranks[0].starts[ranks[0].sample_of(i)])
         assert s in doc_starts  # document aligned
         real = min(int(ranks[0].lengths[ranks[0].sample_of(i)]), data.num_tokens - s)
         window = np.zeros(ctx + 1, dtype=np.int64)
         window[:real] = data.tokens[s:s + real]
         assert torch.equal(x, torch.from_numpy(window[:-1])) and torch.equal(y, torch.from_numpy(window[1:]))
-        want = np.zeros(ctx + 1, dtype=np.float32)
+        want = np.zeros(ctx + 1, dtype=np.uint8)
         want[:real] = file_mask[s:s + real]
         assert torch.equal(m, torch.from_numpy(want[1:]))
         # the masked targets are assistant text: every run decodes to a piece of a reply, ending in <|im_end|>

@@ -205,7 +205,8 @@ def test_l2wrap_adds_the_spec_gradient() -> None:
     targets = torch.randint(0, 11, (2, 5))
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
     # scale: the loss's incoming gradient (e.g. a loss scaler's, or 1/accumulation) scales the extra term too
-    for m, count, scale in [(None, 10, 1.0), (mask, 6, 1.0), (None, 10, 3.0)]:
+    # the SFT datasets' masks are uint8
+    for m, count, scale in [(None, 10, 1.0), (mask, 6, 1.0), (None, 10, 3.0), (mask.to(torch.uint8), 6, 2.0)]:
         logits.grad = None
         (scale * L2Wrap.apply(lm_loss(logits, targets, m), logits, m)).backward()
         with_wrap = logits.grad.clone()
@@ -216,7 +217,7 @@ def test_l2wrap_adds_the_spec_gradient() -> None:
         expected = torch.zeros_like(extra).scatter_(-1, ids[..., None], (scale * mx * 1e-4 / count)[..., None])
         if m is not None:
             expected = expected * m[..., None]
-        assert torch.allclose(extra, expected, atol=1e-15)
+        assert extra.dtype == torch.float64 and torch.allclose(extra, expected, atol=1e-15)
 
 
 def test_masked_loss_is_mean_over_masked_positions() -> None:
@@ -225,6 +226,7 @@ def test_masked_loss_is_mean_over_masked_positions() -> None:
     mask = torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
     per = F.cross_entropy(logits[0], y[0], reduction="none")
     assert torch.isclose(lm_loss(logits, y, mask), (per[1] + per[3]) / 2)
+    assert torch.isclose(lm_loss(logits, y, mask.to(torch.uint8)), (per[1] + per[3]) / 2)
 
 
 def test_optimizer_groups() -> None:
