@@ -4,7 +4,9 @@
     python -m benchmarks.bench_train --device cuda    # GPU only: bf16, ZeRO-2 micro 16/32/64, bucket 200, one-GPU auto, compile
     python -m benchmarks.bench_train --quick          # fewer steps
 
-A second table times one optimizer step (AdamW per-tensor loop, foreach, fused) at the same size.
+A second table gives the fixed cost of a step (a model of L8's shape with almost no arithmetic, in a
+bare PyTorch loop and through train.py's Trainer): on a GPU, what bounds the step time of a small
+model whatever the batch. A third times one optimizer step (AdamW per-tensor loop, foreach, fused).
 
 Model: the default L8-D512 V6400 at ctx 512 (SPEC init), trained the way train.py trains it: the
 Trainer from train.build_trainer (precision plugin, strategy, gradient clipping) and the
@@ -58,8 +60,48 @@ def configs(device: str, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+def fixed_cost_configs(device: str) -> list[dict[str, Any]]:
+    """The per-step cost that does not grow with the batch: a model of L8's shape with almost no
+    arithmetic (n_embd 64, ctx 16, micro batch 1), stepped by a bare PyTorch loop and by train.py's Trainer."""
+    tiny = dict(tiny=True, micro_bsz=1, ds_bucket_mb=2, compile=0, warmup=5, steps=30)
+    out = []
+    if device in ("cpu", "all"):
+        out += [dict(tiny, accelerator="cpu", precision="fp32", strategy="auto", bare=b) for b in (True, False)]
+    if device in ("cuda", "all"):
+        import torch
+        if torch.cuda.is_available():
+            gpu = dict(tiny, accelerator="gpu", precision="bf16")
+            out += [dict(gpu, strategy="auto", bare=b) for b in (True, False)]
+            if importlib.util.find_spec("deepspeed"):
+                out.append(dict(gpu, strategy="deepspeed_stage_2", bare=False))
+    return out
+
+
+def run_bare(model: Any, tokens: Any, cfg: dict[str, Any], grad_clip: float) -> list[float]:
+    """Step `model` over `tokens` without Lightning (forward, backward, clip, AdamW); batch end times."""
+    import torch
+
+    device = torch.device("cuda" if cfg["accelerator"] == "gpu" else "cpu")
+    model = model.to(device)
+    opt = model.configure_optimizers()
+    b, ends = cfg["micro_bsz"], []
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        batch = tokens[i * b:(i + 1) * b].to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16"):
+            loss = model.training_step((batch[:, :-1], batch[:, 1:]), i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+    return ends
+
+
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train warmup + steps steps of L8-D512 under cfg in this process; returns the measured row."""
+    """Train warmup + steps steps of L8-D512 (or the fixed-cost model) under cfg in this process;
+    returns the measured row."""
     import pytorch_lightning as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -80,12 +122,14 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
-    ctx = 512
+    ctx = 16 if cfg.get("tiny") else 512
+    if cfg.get("tiny") and cfg["accelerator"] == "cpu":
+        torch.set_num_threads(1)   # ops this small only wait on a thread pool (20x slower on a busy machine)
     proj = WORK / f"{cfg['accelerator']}-{cfg['precision']}-{cfg['strategy']}-b{cfg['micro_bsz']}"
     args = train.parse_args(["--accelerator", cfg["accelerator"], "--precision", cfg["precision"],
                              "--strategy", cfg["strategy"], "--micro_bsz", str(cfg["micro_bsz"]),
                              "--ds_bucket_mb", str(cfg["ds_bucket_mb"]), "--compile", str(cfg["compile"]),
-                             "--ctx_len", str(ctx),
+                             "--ctx_len", str(ctx), *(["--n_embd", "64"] if cfg.get("tiny") else []),
                              "--proj_dir", str(proj), "--enable_progress_bar", "False"])
     train.check_machine(args)
     n_steps = cfg["warmup"] + cfg["steps"]
@@ -93,6 +137,11 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     tokens = torch.randint(0, args.vocab_size, (n_steps * args.micro_bsz, ctx + 1), generator=gen)
     data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=args.micro_bsz)
     model = train.build_model(args)
+    if cfg.get("bare"):
+        ends = run_bare(model, tokens, cfg, args.grad_clip)
+        step_s = statistics.median(b - a for a, b in zip(ends[cfg["warmup"] - 1:], ends[cfg["warmup"]:]))
+        device = torch.cuda.get_device_name() if cfg["accelerator"] == "gpu" else f"cpu x{torch.get_num_threads()}"
+        return {**cfg, "device": device, "step_ms": step_s * 1e3}
     # No mini-epoch ends within the run: no checkpoints, no files beyond the log header.
     plan = RunPlan(proj_dir=proj, ctx_len=ctx, real_bsz=args.micro_bsz, world_size=1, epoch_steps=10 ** 9,
                    start_step=0, total_steps=10 ** 9, epoch_save=0)
@@ -137,6 +186,18 @@ def optimizer_rows(device: str, repeats: int = 7) -> list[tuple[str, ...]]:
     return [(dev, name, f"{ms:.1f}", f"{base / ms:.2f}x") for name, ms in times.items()]
 
 
+def measure(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in its own process (fresh peak memory, one DeepSpeed engine each)."""
+    print(f"... {cfg}", flush=True)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(cfg)], cwd=REPO,
+                       capture_output=True, text=True)
+    found = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if r.returncode or not found:
+        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return {**cfg, "device": cfg["accelerator"], "error": tail[:90]}
+    return json.loads(found[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
@@ -149,17 +210,8 @@ def main() -> None:
         return
 
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for cfg in configs(opts.device, opts.quick):
-        print(f"... {cfg}", flush=True)
-        r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(cfg)], cwd=REPO,
-                           capture_output=True, text=True)
-        found = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-        if r.returncode or not found:
-            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({**cfg, "device": cfg["accelerator"], "error": tail[:90]})
-        else:
-            rows.append(json.loads(found[0]))
+    rows = [measure(cfg) for cfg in configs(opts.device, opts.quick)]
+    fixed = [measure(cfg) for cfg in fixed_cost_configs(opts.device)]
 
     print("\nL8-D512 V6400 ctx 512, one device; median step after warm-up")
     base = {}   # (device, precision, strategy, bucket, micro_bsz) -> tokens/s without compile
@@ -181,6 +233,19 @@ def main() -> None:
         cells.append((*head, f"{r['step_ms']:.1f}", f"{r['tok_s']:,.0f}", f"{r['peak_gib']:.2f}", "; ".join(notes)))
     print(markdown_table(["device", "precision", "strategy", "bucket MB", "compile", "micro_bsz", "step ms",
                           "tokens/s", "peak GiB", "note"], cells, "lllrrrrrrl"))
+
+    print("\nFixed cost of a step: L8 at n_embd 64, ctx 16, micro batch 1 (almost no arithmetic: Python, "
+          "dispatch and kernel launches), median step after warm-up")
+    bare = {r["device"]: r["step_ms"] for r in fixed if r.get("bare") and "error" not in r}
+    cells = []
+    for r in fixed:
+        loop = "bare PyTorch loop" if r["bare"] else f"train.py Trainer, {r['strategy']}"
+        if "error" in r:
+            cells.append((r["device"][:24], r["precision"], loop, "-", f"FAILED: {r['error']}"))
+        else:
+            ratio = f"{r['step_ms'] / bare[r['device']]:.2f}x" if r["device"] in bare else "-"
+            cells.append((r["device"][:24], r["precision"], loop, f"{r['step_ms']:.1f}", ratio))
+    print(markdown_table(["device", "precision", "loop", "step ms", "vs bare"], cells, "lllrr"))
 
     devices = [d for d, on in (("cpu", opts.device in ("all", "cpu")),
                                ("cuda", opts.device in ("all", "cuda") and torch.cuda.is_available())) if on]
