@@ -63,9 +63,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several unrelated types for foreign files
-        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
+        # (only the first line: torch's full text suggests weights_only=False and filing an issue)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint (.pth): {type(e).__name__}: {first}; "
+                              "give the path of an rwkv-*.pth file") from e
     if not isinstance(sd, dict) or not sd:
         raise CheckpointError(f"{p} holds a {type(sd).__name__}, not a state_dict (a dict of tensors)")
+    if "optimizer" in sd and "plan" in sd:
+        raise CheckpointError(f"{p} is a training run's resume state (optimizer and progress), not weights: "
+                              f"give {p.name.replace('.state.pth', '.pth')} or rwkv-final.pth from the same folder")
     for wrapper in ("state_dict", "module", "model"):
         if isinstance(sd.get(wrapper), dict):
             raise CheckpointError(f"{p} is a training checkpoint (its tensors are under {wrapper!r}); "

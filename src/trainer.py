@@ -337,6 +337,11 @@ class TrainingMonitor(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._finish_wandb(1)
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            ckpt, n = find_resume_checkpoint(self.plan.proj_dir)
+            where = (f"it continues from {ckpt} (step {(n + 1) * self.plan.epoch_steps})" if ckpt is not None and n >= 0
+                     else "nothing was saved in this run yet, so it starts again")
+            print(f"\ninterrupted at step {self.step}; rerun the same command and {where}", flush=True)
 
     # ---- per step ----------------------------------------------------------------------------
     def _flush(self) -> None:

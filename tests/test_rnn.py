@@ -148,8 +148,8 @@ def test_config_is_inferred_and_bf16_checkpoints_load(ckpt, tmp_path):
     assert RWKV_RNN(str(path)[:-4]).path == path
 
 
-def _save(tmp_path: Path, obj) -> Path:
-    p = tmp_path / "bad.pth"
+def _save(tmp_path: Path, obj, name: str = "bad.pth") -> Path:
+    p = tmp_path / name
     torch.save(obj, p)
     return p
 
@@ -160,8 +160,13 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         RWKV_RNN(tmp_path / "nope.pth")
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="cannot read") as e:
         RWKV_RNN(tmp_path / "text.pth")
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)   # one line, no unsafe advice
+    # the resume state the trainer writes beside rwkv-N.pth is not weights
+    with pytest.raises(CheckpointError, match=r"rwkv-3\.state\.pth is a training run's resume state .* "
+                                              r"give rwkv-3\.pth or rwkv-final\.pth"):
+        RWKV_RNN(_save(tmp_path, {"format": 1, "step": 30, "plan": {}, "optimizer": {}}, "rwkv-3.state.pth"))
     with pytest.raises(CheckpointError, match="not a state_dict"):
         RWKV_RNN(_save(tmp_path, [1, 2]))
     with pytest.raises(CheckpointError, match="training checkpoint.*'state_dict'"):

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,3 +183,21 @@ def test_loss_curve_svg(tmp_path: Path) -> None:
     xs, ys = zip(*points)
     assert xs[0] < xs[1] < xs[2] and ys[0] < ys[1] < ys[2]   # later = right, lower loss = further down
     assert "2500 tokens" in svg and "4.000" in svg and "2.500" in svg
+
+
+def test_ctrl_c_says_where_a_rerun_continues(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=50, start_step=0,
+                   total_steps=1000, epoch_save=1)
+    monitor = TrainingMonitor(plan, schedule(), header=[])
+    monitor.step = 132
+    rank0 = SimpleNamespace(is_global_zero=True)
+    (tmp_path / "rwkv-init.pth").write_bytes(b"x")
+    monitor.on_exception(rank0, None, KeyboardInterrupt())
+    assert "interrupted at step 132; rerun the same command and nothing was saved in this run yet" in capsys.readouterr().out
+    (tmp_path / "rwkv-0.pth").write_bytes(b"x")
+    (tmp_path / "rwkv-1.pth").write_bytes(b"x")
+    monitor.on_exception(rank0, None, KeyboardInterrupt())
+    assert f"rerun the same command and it continues from {tmp_path / 'rwkv-1.pth'} (step 100)" in capsys.readouterr().out
+    monitor.on_exception(SimpleNamespace(is_global_zero=False), None, KeyboardInterrupt())   # other ranks: quiet
+    monitor.on_exception(rank0, None, ValueError("x"))                                      # errors speak for themselves
+    assert capsys.readouterr().out == ""
