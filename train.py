@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import math
 import shlex
 import shutil
@@ -398,7 +399,7 @@ def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[
                       precision=PRECISIONS[args.precision], strategy=build_strategy(args),
                       max_epochs=1, max_steps=max_steps, use_distributed_sampler=False,
                       gradient_clip_val=args.grad_clip if args.grad_clip > 0 else None,
-                      logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      logger=False, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
                       enable_progress_bar=args.enable_progress_bar, default_root_dir=args.proj_dir,
                       callbacks=list(callbacks))
 
@@ -448,6 +449,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     how = f"exact resume with {why}" if resume else f"weights only: {why}"
     say(f"stage {args.train_stage}: starting from {start} at mini-epoch {args.epoch_begin} "
         f"(step {start_step} of {total_steps}), {how}")
+    say(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {args.accelerator} x "
+        f"{args.num_nodes * args.devices} ({args.precision}, strategy {args.strategy}), {plan.tokens_per_step:,} "
+        f"tokens a step, mini-epochs of {args.epoch_steps} steps")
 
     schedule = Schedule(lr_init=args.lr_init, lr_final=args.lr_final, warmup_steps=args.warmup_steps,
                         tokens_per_step=plan.tokens_per_step, exit_tokens=exit_tokens)
@@ -457,6 +461,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     bar = [ProgressBar(monitor)] if args.enable_progress_bar else []
     trainer = build_trainer(args, total_steps - start_step, [monitor, *bar, *callbacks])
     trainer.fit(model, datamodule=TrainData(args, args.epoch_begin, n_epochs, total_steps - start_step))
+    say(f"stage {args.train_stage} done: {final}")
     return 0
 
 
@@ -466,6 +471,11 @@ if __name__ == "__main__":
     # RWKV overrides configure_gradient_clipping (to clip for fused torch optimizers); under DeepSpeed it
     # hands over to Lightning's own clipping, a no-op there, as DeepSpeed clips from --grad_clip itself.
     warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally.*")
+    # A deprecation inside Lightning's own code (torch >= 2.10 renamed LeafSpec); nothing to do here.
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # Lightning's info lines (devices found, a logging-service tip, "max_steps reached") repeat what the
+    # lines above say; its warnings still show.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     try:
         sys.exit(main())
     except TrainingError as e:

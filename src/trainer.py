@@ -285,7 +285,7 @@ class TrainingMonitor(pl.Callback):
         self.kt_per_s = 0.0
         self._last_time = 0.0
         self._pending: StepLoss | None = None  # the newest step's loss, not read yet
-        self.progress: dict[str, float] = {}   # what ProgressBar shows: mini-epoch mean loss, lr, kt/s
+        self.progress: dict[str, float] = {}   # what ProgressBar shows: mini-epoch, its mean loss, lr, kt/s
         self._wandb: Any = None
 
     # ---- paths -------------------------------------------------------------------------------
@@ -367,7 +367,8 @@ class TrainingMonitor(pl.Callback):
             rank_zero_warn(f"loss spike at step {entry.step}: {loss:.4f} vs running mean {self.loss_ema:.4f} "
                            f"(lr {entry.lr:.3e})")
         self.loss_ema = loss if self.loss_ema is None else (1 - SPIKE_EMA) * self.loss_ema + SPIKE_EMA * loss
-        self.progress = {"loss": self.epoch.loss_sum / self.epoch.steps, "lr": entry.lr, "kt/s": self.kt_per_s}
+        self.progress = {"mini-epoch": (entry.step - 1) // self.plan.epoch_steps,
+                         "loss": self.epoch.loss_sum / self.epoch.steps, "lr": entry.lr, "kt/s": self.kt_per_s}
         if self._wandb is not None:
             self._wandb.log({"loss": loss, "lr": entry.lr, "tokens": entry.step * self.plan.tokens_per_step,
                              "kt/s": self.kt_per_s}, step=entry.step)
@@ -463,7 +464,7 @@ class TrainingMonitor(pl.Callback):
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar showing a TrainingMonitor's numbers (mini-epoch mean loss, lr, kt/s).
+    """Lightning's progress bar showing a TrainingMonitor's numbers (mini-epoch, its mean loss, lr, kt/s).
 
     Not through LightningModule.log: it turns every float into a tensor on the model's device, on a
     GPU a host-to-device copy that waits for all queued work (3 a step), plus ~1 ms of bookkeeping each.
@@ -472,6 +473,11 @@ class ProgressBar(TQDMProgressBar):
     def __init__(self, monitor: TrainingMonitor) -> None:
         super().__init__()
         self.monitor = monitor
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # Lightning's one "epoch" is the whole run here; the mini-epoch is shown beside the loss.
+        self.train_progress_bar.set_description("training")
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
         return {**super().get_metrics(trainer, pl_module), **self.monitor.progress}
