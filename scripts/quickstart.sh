@@ -55,3 +55,9 @@ step "5/6 chat: API_DEMO_CHAT.py --prompt \"$PROMPT\" (greedy)"
 step "6/6 held-out evaluation (data/sample/eval.jsonl)"
 "$PY" -m scripts.eval_sample --model "$OUT_DIR/pretrain-run/rwkv-init.pth" --label "untrained init"
 "$PY" -m scripts.eval_sample --model "$OUT_DIR/sft-run/rwkv-final.pth" --label "after pretrain + SFT"
+
+echo
+echo "==== [quickstart] next: chat with the model (the venv's python has everything installed)"
+echo "  $PY API_DEMO_CHAT.py --model $OUT_DIR/sft-run/rwkv-final.pth --temperature 0"
+echo "  it knows the sample's 12 tasks, e.g. 'What is 3 + 1?', 'Uppercase: coin', 'Reverse the order: cat moon tree'"
+echo "  (data/sample/eval.jsonl has more); 'source .venv/bin/activate' puts this python first on PATH"
