@@ -3,7 +3,7 @@
     python API_DEMO_CHAT.py --model out/rwkv-final.pth                 # interactive
     python API_DEMO_CHAT.py --model out/rwkv-final.pth --prompt "Hi"   # answer one message, exit
 
-Each user message is wrapped in the chat template of SPEC section 3 (the system turn of SFT, or none
+Each user message is wrapped in the chat template the SFT data was made with (its system turn, or none
 with --system ''), fed to the model in parallel (prefill), and the reply is sampled token by token
 (src.sampling; defaults are the original demo's) and printed as it comes, until <|im_end|> or
 --max_tokens. Interactive commands: `+reset` starts a new conversation; Ctrl-C or Ctrl-D quits.
@@ -123,14 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "error at start (a prompt's last < 16 tokens still run on PyTorch)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's choice, usually one per core)")
-    p.add_argument("--max_tokens", type=int, default=500, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=d.top_p, help="nucleus mass (1 = off)")
-    p.add_argument("--top_k", type=int, default=d.top_k, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--presence_penalty", type=float, default=d.presence_penalty)
-    p.add_argument("--frequency_penalty", type=float, default=d.frequency_penalty)
+    p.add_argument("--max_tokens", type=int, default=500, help="longest reply in tokens (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top_p", type=float, default=d.top_p, help="nucleus mass, 1 = off (default %(default)s)")
+    p.add_argument("--top_k", type=int, default=d.top_k, help="keep the k most likely tokens, 0 = off (default %(default)s)")
+    p.add_argument("--presence_penalty", type=float, default=d.presence_penalty,
+                   help="subtracted from the logit of every token the reply has used (default %(default)s)")
+    p.add_argument("--frequency_penalty", type=float, default=d.frequency_penalty,
+                   help="subtracted once more per (decayed) use of a token in the reply (default %(default)s)")
     p.add_argument("--penalty_decay", type=float, default=d.penalty_decay,
-                   help="per-token decay of the frequency counts")
+                   help="per-token decay of the frequency counts (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--system", default=DEFAULT_SYSTEM,
                    help=f"system turn (default: SFT's {DEFAULT_SYSTEM!r}; '' = no system turn)")

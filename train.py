@@ -98,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       help="the sampler's prime printed by make_data (binidx; sft: unused, 0); NONE (make_data's word) = 0")
     # mini-epochs
     a("--epoch_steps", type=int, default=0,
-      help="steps per mini-epoch; 0 = 40320 // real_bsz (SPEC). Smaller values suit small data")
+      help="steps per mini-epoch; 0 = 40320 // real_bsz (the published mini-epoch of 40320 samples). "
+                 "Smaller values suit small data")
     a("--epoch_count", type=int, default=0,
       help="mini-epochs when --my_exit_tokens is 0; 0 = as many as the data holds")
     a("--epoch_begin", type=int, default=0, help="first mini-epoch when starting from --load_model/rwkv-init")
@@ -248,14 +249,16 @@ def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, i
             raise TrainingError(
                 f"real_bsz = num_nodes {args.num_nodes} x devices {args.devices} x micro_bsz {args.micro_bsz} = "
                 f"{args.real_bsz} does not divide the {SAMPLES_PER_EPOCH} samples of a mini-epoch: choose "
-                "sizes whose product divides 40320 (e.g. micro_bsz 1, 2, 4, 8, 16, 32, 64) or set --epoch_steps")
+                "sizes whose product divides 40320 (e.g. micro_bsz 1, 2, 4, 8, 16, 32, 64) or set --epoch_steps "
+                "(EPOCH_STEPS=... for the demo scripts)")
         args.epoch_steps = SAMPLES_PER_EPOCH // args.real_bsz
     samples_per_epoch = args.epoch_steps * args.real_bsz
     available = samples_per_pass // samples_per_epoch
     if available == 0:
         raise TrainingError(f"{args.data_file} holds {samples_per_pass} samples of ctx_len {args.ctx_len}, fewer than "
                             f"one mini-epoch ({args.epoch_steps} steps x real_bsz {args.real_bsz}): set --epoch_steps "
-                            f"to at most {max(samples_per_pass // args.real_bsz, 1)} (or make more data)")
+                            f"to at most {max(samples_per_pass // args.real_bsz, 1)} (EPOCH_STEPS=... for the demo scripts), "
+                            "or make more data")
     if args.epoch_count == 0:
         args.epoch_count = available
     tokens_per_step = args.real_bsz * args.ctx_len

@@ -236,6 +236,7 @@ def default_out(jsonl: Path) -> Path:
 
 
 def _first_kind(path: Path, index: LineIndex, skip_bad: bool) -> str:
+    first = True
     with open(path, "rb") as f:
         for i in np.flatnonzero(index.lengths):
             f.seek(int(index.starts[i]))
@@ -245,8 +246,13 @@ def _first_kind(path: Path, index: LineIndex, skip_bad: bool) -> str:
             try:
                 return parse_record(line, None)[0]
             except ValueError as e:
+                if first and str(e).startswith("not valid JSON"):
+                    # --skip-bad cannot help a file that is not jsonl at all
+                    raise MakeDataError(f"{path}:{i + 1}: {e}: this does not look like a jsonl file (one JSON "
+                                        'object per line: MiniMind\'s {"text": ...} or {"conversations": [...]})') from None
                 if not skip_bad:
                     raise MakeDataError(f"{path}:{i + 1}: {e} (fix the line or pass --skip-bad)") from None
+            first = False
     raise MakeDataError(f"{path}: no usable record (the file is empty or every line is bad)")
 
 
@@ -367,18 +373,19 @@ def report(r: MakeDataResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="MiniMind jsonl -> binidx (.bin/.idx, + .mask for SFT)")
+    ap = argparse.ArgumentParser(description="MiniMind jsonl -> binidx (.bin/.idx, + .mask for SFT)",
+                                 epilog="example: python data/make_data.py data/pretrain_hq.jsonl 1 512 --workers 2")
     ap.add_argument("jsonl", type=Path, help="MiniMind jsonl: {\"text\"} or {\"conversations\"} records")
     ap.add_argument("n_epoch", type=int, help="copies of the data, each shuffled")
     ap.add_argument("ctx_len", type=int, help="training context length (for magic_prime)")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="tokenizer.json or its folder (default: the repo's data/tokenizer/)")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (default: data/<jsonl stem>)")
-    ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    ap.add_argument("--seed", type=int, default=0, help="shuffle seed (default %(default)s)")
     ap.add_argument("--skip-bad", action="store_true", help="leave bad records out (counted) instead of stopping")
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                    help="encoding processes (1 = in this process)")
-    ap.add_argument("--batch-size", type=int, default=512, help="lines per encoding batch")
+                    help="encoding processes, 1 = in this process (default %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=512, help="lines per encoding batch (default %(default)s)")
     args = ap.parse_args(argv)
     try:
         r = make_data(args.jsonl, args.n_epoch, args.ctx_len, args.tokenizer, args.out, args.seed,

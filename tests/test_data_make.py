@@ -157,7 +157,7 @@ def test_empty_and_all_bad_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(MakeDataError, match="empty.jsonl: empty file"):
         make_data(tmp_path / "empty.jsonl", 1, 4, out=tmp_path / "o", progress=False)
-    (tmp_path / "bad.jsonl").write_text("{x\n{y\n")
+    (tmp_path / "bad.jsonl").write_text('[1]\n"y"\n')   # JSON, but no record a MiniMind file holds
     with pytest.raises(MakeDataError, match="bad.jsonl: no usable record"):
         make_data(tmp_path / "bad.jsonl", 1, 4, out=tmp_path / "o", skip_bad=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
@@ -218,3 +218,16 @@ def test_cli_errors_exit_nonzero_with_the_line(tmp_path):
                         "--out", str(tmp_path / "o"), "--workers", "1"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "x.jsonl:2: not valid JSON" in p.stderr and "--skip-bad" in p.stderr
     assert sorted(f.name for f in tmp_path.iterdir()) == ["x.jsonl"]
+
+
+def test_a_file_that_is_not_jsonl_is_named_as_such(tmp_path):
+    """A bad first line means the wrong file, not a bad record: --skip-bad would only lead to 'no usable record'."""
+    src = tmp_path / "notes.md"
+    src.write_text("# Notes\n\n" + GOOD + "\n")
+    for extra in ([], ["--skip-bad"]):
+        with pytest.raises(MakeDataError, match=r"notes\.md:1: not valid JSON .*: this does not look like a jsonl file"):
+            make_data(src, 1, 4, out=tmp_path / "o", skip_bad=bool(extra))
+    # a bad line after good ones is a bad record, which --skip-bad may leave out
+    src.write_text(GOOD + "\n# stray\n" + GOOD + "\n")
+    with pytest.raises(MakeDataError, match=r"notes\.md:2: not valid JSON .*\(fix the line or pass --skip-bad"):
+        make_data(src, 1, 4, out=tmp_path / "o")
