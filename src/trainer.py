@@ -59,6 +59,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+from tqdm import tqdm
 
 from src.rnn import CheckpointError, read_state_dict
 
@@ -341,7 +342,7 @@ class TrainingMonitor(pl.Callback):
             ckpt, n = find_resume_checkpoint(self.plan.proj_dir)
             where = (f"it continues from {ckpt} (step {(n + 1) * self.plan.epoch_steps})" if ckpt is not None and n >= 0
                      else "nothing was saved in this run yet, so it starts again")
-            print(f"\ninterrupted at step {self.step}; rerun the same command and {where}", flush=True)
+            _say(f"interrupted at step {self.step}; rerun the same command and {where}")
 
     # ---- per step ----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -395,7 +396,7 @@ class TrainingMonitor(pl.Callback):
                 f"spikes {self.epoch.spikes}{'' if full else ' partial 1'}")
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
-        print(line, flush=True)
+        _say(line)
         plot_train_log(self.log_path)
         if self._wandb is not None:
             self._wandb.log({"epoch": e, "epoch_loss": mean}, step=self.step)
@@ -426,7 +427,7 @@ class TrainingMonitor(pl.Callback):
             if state is not None:
                 save_atomic(state, state_path(path))
             save_atomic(weights, path)
-            print(f"saved {path}" + (f" and {state_path(path).name}" if state is not None else ""), flush=True)
+            _say(f"saved {path}" + (f" and {state_path(path).name}" if state is not None else ""))
         if state is not None:
             # Resume only ever reads the newest state; older ones (2x the fp32 weights each, more with
             # DeepSpeed) go once this one is complete on disk. Their rwkv-N.pth weights stay.
@@ -481,6 +482,13 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
         return {**super().get_metrics(trainer, pl_module), **self.monitor.progress}
+
+
+def _say(line: str) -> None:
+    """Print a line above the progress bar (tqdm.write clears and redraws a bar being drawn; a plain
+    print would end up on the bar's line)."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def _remove_older_states(weights: Path) -> None:
