@@ -5,10 +5,6 @@ Skipped without a CUDA/ROCm device. Tiny model (L2-D128, head size 64 for the ke
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 
 from src.model import RWKV, ModelConfig
 from src.trainer import read_train_log
-from tests.test_train_run import CTX, REPO, largest_magic_prime, run_cli, write_progressions
+from tests.test_train_run import CTX, largest_magic_prime, run_and_kill, run_cli, write_progressions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
@@ -58,13 +54,7 @@ def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None
 
     # the same run killed (SIGKILL: no cleanup) once rwkv-1.pth exists resumes from its newest state
     # to the uninterrupted run's numbers
-    proc = subprocess.Popen([sys.executable, "train.py", *gpu_flags(data, n, killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "rwkv-1.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    run_and_kill(gpu_flags(data, n, killed), killed / "rwkv-1.pth")
     # resume goes on from the highest rwkv-N.pth, whose state is kept until a newer rwkv-N.pth is written
     newest = max(int(p.stem.split("-")[1]) for p in killed.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
     assert 1 <= newest < EPOCHS - 1 and (killed / f"rwkv-{newest}.ds").is_dir(), newest

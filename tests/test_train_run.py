@@ -97,6 +97,17 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def run_and_kill(args: list[str], when: Path, timeout: float = 300) -> None:
+    """Run train.py with `args` in its own process and SIGKILL it (no clean-up at all) once `when` exists."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not when.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 def epoch_lines(proj: Path) -> list[dict[str, float]]:
     from src.trainer import read_train_log
     return read_train_log(proj / "train_log.txt")
@@ -207,13 +218,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
 
     # B: the same run as its own process, killed (SIGKILL: no cleanup) as soon as rwkv-1.pth appears
     proj_b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(data, n, proj_b, **flags)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (proj_b / "rwkv-1.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    run_and_kill(tiny_flags(data, n, proj_b, **flags), proj_b / "rwkv-1.pth")
     assert not (proj_b / "rwkv-final.pth").exists()
     last = max(int(p.stem.split("-")[1]) for p in proj_b.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
     assert last >= 1

@@ -113,18 +113,23 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     assert load_resume_state(weights, dataclasses.replace(ds_plan, world_size=2))[0] == {**state, "deepspeed_dir": "rwkv-1.ds"}
 
 
+def feed(monitor: TrainingMonitor, losses: list[float]) -> list[str]:
+    """Track one step per loss (lr 0) as the training loop would; returns the spike warnings."""
+    with pytest.warns(UserWarning) as caught:
+        for loss in losses:
+            monitor.step += 1
+            monitor.run_steps += 1
+            monitor._track(StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
+    return [str(w.message) for w in caught if "spike" in str(w.message)]
+
+
 def test_spikes_are_reported_with_their_step(tmp_path: Path) -> None:
     plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=1000, start_step=0, total_steps=10_000,
                    epoch_save=1)
     monitor = TrainingMonitor(plan, schedule(), header=[])
     gen = torch.Generator().manual_seed(0)
     losses = (2.0 + 0.2 * torch.rand(150, generator=gen)).tolist() + [5.0, 2.1, 2.05]
-    with pytest.warns(UserWarning) as caught:
-        for loss in losses:
-            monitor.step += 1
-            monitor.run_steps += 1
-            monitor._track(StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
-    spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
+    spikes = feed(monitor, losses)
     ema = losses[0]
     for loss in losses[1:150]:
         ema = 0.99 * ema + 0.01 * loss      # the running mean: ~100 steps
@@ -139,12 +144,7 @@ def test_no_spike_warning_before_the_running_mean_has_its_steps(tmp_path: Path) 
                    total_steps=10_000, epoch_save=1)
     monitor = TrainingMonitor(plan, schedule(), header=[])
     losses = [1.0] * 99 + [3.0, 3.0]     # run steps 100 (too early to judge) and 101 (judged)
-    with pytest.warns(UserWarning) as caught:
-        for loss in losses:
-            monitor.step += 1
-            monitor.run_steps += 1
-            monitor._track(StepLoss.start(monitor.step, monitor.run_steps, 0.0, torch.tensor(loss)))
-    spikes = [str(w.message) for w in caught if "spike" in str(w.message)]
+    spikes = feed(monitor, losses)
     assert spikes == ["loss spike at step 601: 3.0000 vs running mean 1.0200 (lr 0.000e+00)"]
     assert monitor.epoch.spikes == 1
 
