@@ -135,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--strategy", default="auto", choices=STRATEGIES,
       help="deepspeed_* need GPUs; on CPU use auto (1 process) or ddp (gloo, --devices processes)")
     a("--ds_bucket_mb", type=float, default=200, help="DeepSpeed allgather/reduce bucket size in MB")
-    a("--enable_progress_bar", type=str2bool, default=True, help="True/False: loss, lr and kilo-tokens/s per step")
+    a("--enable_progress_bar", type=str2bool, default=True, help="True/False: mini-epoch, its mean loss, lr and kilo-tokens/s per step")
     return p.parse_args(argv)
 
 
