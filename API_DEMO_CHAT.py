@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RWKV-7 L{m.n_layer}-D{m.n_embd} vocab {m.vocab_size} from {m.path} on {m.device} ({m.dtype})",
               file=sys.stderr)
         if args.prompt is not None:
+            if not args.prompt.strip():
+                raise ValueError("--prompt is empty: give the message to answer, e.g. --prompt \"Hi\"")
             return 0 if answer(session, args.prompt) else 1
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"[error] {e}", file=sys.stderr)

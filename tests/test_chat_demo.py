@@ -209,7 +209,7 @@ def test_demo_rejects_bad_setups_clearly(tiny, tmp_path, capsys):
     rc, err = main_err("--model", str(tmp_path / "small.pth"), "--prompt", "hi")
     assert rc == 2 and "tokenizer has 6400 tokens but the model" in err
     rc, err = main_err("--model", str(path), "--prompt", "  ")
-    assert rc == 1 and "empty message" in err
+    assert rc == 2 and "--prompt is empty" in err and "Ctrl-D" not in err   # no interactive advice here
     rc, err = main_err("--model", str(path), "--prompt", "hi", "--top_p", "0")
     assert rc == 2 and "top_p" in err
     rc, err = main_err("--model", str(path), "--prompt", "hi", "--tokenizer", str(tmp_path))
