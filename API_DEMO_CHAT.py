@@ -126,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_tokens", type=int, default=500, help="longest reply in tokens (default %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
     p.add_argument("--top_p", type=float, default=d.top_p, help="nucleus mass, 1 = off (default %(default)s)")
-    p.add_argument("--top_k", type=int, default=d.top_k, help="keep the k most likely tokens, 0 = off (default %(default)s)")
+    p.add_argument("--top_k", type=int, default=d.top_k,
+                   help="keep the k most likely tokens, 0 = off (default %(default)s)")
     p.add_argument("--presence_penalty", type=float, default=d.presence_penalty,
                    help="subtracted from the logit of every token the reply has used (default %(default)s)")
     p.add_argument("--frequency_penalty", type=float, default=d.frequency_penalty,

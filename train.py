@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # mini-epochs
     a("--epoch_steps", type=int, default=0,
       help="steps per mini-epoch; 0 = 40320 // real_bsz (the published mini-epoch of 40320 samples). "
-                 "Smaller values suit small data")
+           "Smaller values suit small data")
     a("--epoch_count", type=int, default=0,
       help="mini-epochs when --my_exit_tokens is 0; 0 = as many as the data holds")
     a("--epoch_begin", type=int, default=0, help="first mini-epoch when starting from --load_model/rwkv-init")
@@ -135,7 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--strategy", default="auto", choices=STRATEGIES,
       help="deepspeed_* need GPUs; on CPU use auto (1 process) or ddp (gloo, --devices processes)")
     a("--ds_bucket_mb", type=float, default=200, help="DeepSpeed allgather/reduce bucket size in MB")
-    a("--enable_progress_bar", type=str2bool, default=True, help="True/False: mini-epoch, its mean loss, lr and kilo-tokens/s per step")
+    a("--enable_progress_bar", type=str2bool, default=True,
+      help="True/False: mini-epoch, its mean loss, lr and kilo-tokens/s per step")
     return p.parse_args(argv)
 
 
@@ -257,8 +258,8 @@ def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, i
     if available == 0:
         raise TrainingError(f"{args.data_file} holds {samples_per_pass} samples of ctx_len {args.ctx_len}, fewer than "
                             f"one mini-epoch ({args.epoch_steps} steps x real_bsz {args.real_bsz}): set --epoch_steps "
-                            f"to at most {max(samples_per_pass // args.real_bsz, 1)} (EPOCH_STEPS=... for the demo scripts), "
-                            "or make more data")
+                            f"to at most {max(samples_per_pass // args.real_bsz, 1)} "
+                            "(EPOCH_STEPS=... for the demo scripts), or make more data")
     if args.epoch_count == 0:
         args.epoch_count = available
     tokens_per_step = args.real_bsz * args.ctx_len

@@ -1,7 +1,7 @@
 """Training speed and memory: tokens/s and peak memory of train.py's training steps, one table.
 
     python -m benchmarks.bench_train                  # CPU (fp32, bf16; eager and --compile 1), plus the GPU
-    python -m benchmarks.bench_train --device cuda    # GPU only: bf16, ZeRO-2 micro 16/32/64, bucket 200, one-GPU auto, compile
+    python -m benchmarks.bench_train --device cuda    # GPU only: bf16 ZeRO-2, bucket 200, one-GPU auto, compile
     python -m benchmarks.bench_train --quick          # fewer steps
 
 A second table gives the fixed cost of a step (a model of L8's shape with almost no arithmetic, in a

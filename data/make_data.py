@@ -248,8 +248,9 @@ def _first_kind(path: Path, index: LineIndex, skip_bad: bool) -> str:
             except ValueError as e:
                 if first and str(e).startswith("not valid JSON"):
                     # --skip-bad cannot help a file that is not jsonl at all
-                    raise MakeDataError(f"{path}:{i + 1}: {e}: this does not look like a jsonl file (one JSON "
-                                        'object per line: MiniMind\'s {"text": ...} or {"conversations": [...]})') from None
+                    raise MakeDataError(
+                        f"{path}:{i + 1}: {e}: this does not look like a jsonl file (one JSON object per line: "
+                        'MiniMind\'s {"text": ...} or {"conversations": [...]})') from None
                 if not skip_bad:
                     raise MakeDataError(f"{path}:{i + 1}: {e} (fix the line or pass --skip-bad)") from None
             first = False

@@ -36,8 +36,9 @@ checked too. A step's loss is read one step later (on a GPU through a pinned hos
 event; the rank mean by a plain all_reduce, as Lightning's reduce adds a barrier that blocks the CPU),
 so that reading it never stops the CPU from queueing the next step; before any checkpoint or log line
 the newest loss is read at once. Every device takes the same path, and so does the progress bar
-(`ProgressBar`), which shows the monitor's numbers without LightningModule.log. A loss above SPIKE_RATIO times its
-running mean is a spike: a warning with the step, counted in the mini-epoch's log line.
+(`ProgressBar`), which shows the monitor's numbers without LightningModule.log. A loss above
+SPIKE_RATIO times its running mean is a spike: a warning with the step, counted in the mini-epoch's
+log line.
 """
 from __future__ import annotations
 
@@ -450,8 +451,9 @@ class TrainingMonitor(pl.Callback):
         # load_state_dict takes every group setting from the file, also how the step runs (fused,
         # foreach), which belongs to this run (states saved before AdamW was fused would turn it off).
         how = ("fused", "foreach", "capturable")
-        saved = {**saved, "param_groups": [
-            {**g, **{k: own[k] for k in how if k in own}} for g, own in zip(saved["param_groups"], optimizer.param_groups)]}
+        groups = [{**g, **{k: own[k] for k in how if k in own}}
+                  for g, own in zip(saved["param_groups"], optimizer.param_groups)]
+        saved = {**saved, "param_groups": groups}
         try:
             optimizer.load_state_dict(saved)
         except ValueError as e:
@@ -480,7 +482,8 @@ class ProgressBar(TQDMProgressBar):
         # Lightning's one "epoch" is the whole run here; the mini-epoch is shown beside the loss.
         self.train_progress_bar.set_description("training")
 
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+    def get_metrics(self, trainer: pl.Trainer,
+                    pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
         return {**super().get_metrics(trainer, pl_module), **self.monitor.progress}
 
 
