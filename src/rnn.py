@@ -53,6 +53,13 @@ class CheckpointError(ValueError):
     """The file is missing, unreadable or not an RWKV-7 (x070) state_dict of SPEC's format."""
 
 
+def load_error(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line` of an error from torch.load. Only the first line: torch's full text of a
+    failed weights_only load suggests weights_only=False and filing an issue."""
+    first = (str(e).strip().splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}: {first}"
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     """Load a plain state_dict from `path` (or `path`.pth, as the rwkv pip package names models)."""
     p = Path(path)
@@ -63,9 +70,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several unrelated types for foreign files
-        # (only the first line: torch's full text suggests weights_only=False and filing an issue)
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint (.pth): {type(e).__name__}: {first}; "
+        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint (.pth): {load_error(e)}; "
                               "give the path of an rwkv-*.pth file") from e
     if not isinstance(sd, dict) or not sd:
         raise CheckpointError(f"{p} holds a {type(sd).__name__}, not a state_dict (a dict of tensors)")
@@ -164,8 +169,8 @@ class RWKV_RNN:
             # the kernel cannot take: that one runs on PyTorch, as with "auto".
             require_kernel(device, dtype, cfg.head_size)
             cfg = dataclasses.replace(cfg, wkv_impl="auto")
-        elif wkv_impl == "auto" and device.type == "cuda" and toolchain_problem() is not None:
-            warnings.warn(f"WKV7 kernel unavailable ({toolchain_problem()}): prompts are prefilled on the "
+        elif wkv_impl == "auto" and device.type == "cuda" and (problem := toolchain_problem()) is not None:
+            warnings.warn(f"WKV7 kernel unavailable ({problem}): prompts are prefilled on the "
                           "PyTorch path (slower on long prompts; decoding is unaffected)", stacklevel=2)
         self.cfg = cfg
         self.device, self.dtype, self.prefill_chunk = device, dtype, prefill_chunk

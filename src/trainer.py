@@ -62,7 +62,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
-from src.rnn import CheckpointError, read_state_dict
+from src.rnn import CheckpointError, load_error, read_state_dict
 
 STATE_FORMAT = 1
 SPIKE_RATIO = 2.0                # loss > SPIKE_RATIO * running mean -> a spike warning
@@ -192,7 +192,7 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:   # e.g. a file cut short by hand
-        return None, f"{path.name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return None, f"{path.name} cannot be read ({load_error(e)})"
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         return None, f"{path.name} has format {found}, this code reads {STATE_FORMAT}"

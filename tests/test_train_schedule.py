@@ -87,6 +87,8 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     state_path(weights).write_bytes(b"PK\x03\x04 cut short")
     got, why = load_resume_state(weights, plan)
     assert got is None and why.startswith("rwkv-1.state.pth cannot be read (")
+    state_path(weights).write_bytes(b"")   # torch.load raises EOFError with an empty message here
+    assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth cannot be read (EOFError: )")
     save_atomic([1, 2], state_path(weights))
     assert load_resume_state(weights, plan) == (None, "rwkv-1.state.pth has format list, this code reads 1")
     # a state file of another format version is not read
