@@ -174,16 +174,16 @@ def check_machine(args: argparse.Namespace) -> None:
             raise TrainingError("--precision fp16 (16-mixed) needs a GPU; on CPU use bf16 or fp32")
         if args.wkv_impl == "cuda":
             raise TrainingError("--wkv_impl cuda needs a GPU; on CPU use --wkv_impl torch (or auto)")
-    if args.accelerator == "gpu" and args.wkv_impl != "torch":
+    if args.accelerator == "gpu" and args.wkv_impl != "torch":   # the WKV7 GPU kernel will be used
         # Without nvcc/ninja, wkv7's "auto" would quietly train on the PyTorch path (~25x slower WKV7).
         problem = toolchain_problem()
         if problem is not None:
             raise TrainingError(f"the WKV7 GPU kernel cannot be built: {problem}. Install it, or train on the "
                                 "PyTorch path with --wkv_impl torch (WKV7 ~25x slower; the demo scripts pass it on: "
                                 "bash demo-training-run.sh --wkv_impl torch)")
-    if args.accelerator == "gpu" and args.wkv_impl != "torch" and args.ctx_len % 16:
-        raise TrainingError(f"--ctx_len {args.ctx_len} is not a multiple of 16, which the WKV7 GPU kernel "
-                            "needs (it keeps the state every 16 steps): use e.g. 512, or --wkv_impl torch (slow)")
+        if args.ctx_len % 16:
+            raise TrainingError(f"--ctx_len {args.ctx_len} is not a multiple of 16, which the WKV7 GPU kernel "
+                                "needs (it keeps the state every 16 steps): use e.g. 512, or --wkv_impl torch (slow)")
     if args.compile:
         # torch.compile generates C++ (CPU) or Triton (GPU) code: say so now, not after the data is loaded.
         if args.accelerator == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
@@ -344,11 +344,11 @@ def _deepspeed_bf16_fields() -> set[str]:
 
 
 def build_strategy(args: argparse.Namespace) -> Strategy | str:
+    several = args.devices * args.num_nodes > 1
     if args.strategy.startswith("deepspeed"):
         stage = int(args.strategy.split("_")[2])
         offload = args.strategy.endswith("_offload")
         bucket = int(args.ds_bucket_mb * 1_000_000)
-        several = args.devices * args.num_nodes > 1
         # overlap_comm: reduce buckets while backward runs; with one GPU there is nothing to overlap,
         # and DeepSpeed then synchronizes the device at the end of every backward.
         strategy = DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
@@ -362,7 +362,7 @@ def build_strategy(args: argparse.Namespace) -> Strategy | str:
         if args.precision == "bf16" and "check_grad_overflow" in _deepspeed_bf16_fields():
             strategy.config["bf16"] = {"enabled": True, "check_grad_overflow": False}
         return strategy
-    if args.strategy == "ddp" or args.devices * args.num_nodes > 1:
+    if args.strategy == "ddp" or several:
         # Layer 0 never uses its v0/v1/v2 (kept for the checkpoint format); a static graph lets DDP
         # skip their gradients without searching for unused parameters every step.
         return DDPStrategy(static_graph=True)

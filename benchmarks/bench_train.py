@@ -60,6 +60,17 @@ def configs(device: str, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+def device_label(gpu: bool) -> str:
+    """The card's name, or the CPU with torch's thread count: the first column of every table."""
+    import torch
+    return torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"
+
+
+def median_step(ends: list[float], warmup: int) -> float:
+    """Median seconds between consecutive batch ends after the `warmup` steps."""
+    return statistics.median(b - a for a, b in zip(ends[warmup - 1:], ends[warmup:]))
+
+
 def fixed_cost_configs(device: str) -> list[dict[str, Any]]:
     """The per-step cost that does not grow with the batch: a model of L8's shape with almost no
     arithmetic (n_embd 64, ctx 16, micro batch 1), stepped by a bare PyTorch loop and by train.py's Trainer."""
@@ -138,10 +149,8 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=args.micro_bsz)
     model = train.build_model(args)
     if cfg.get("bare"):
-        ends = run_bare(model, tokens, cfg, args.grad_clip)
-        step_s = statistics.median(b - a for a, b in zip(ends[cfg["warmup"] - 1:], ends[cfg["warmup"]:]))
-        device = torch.cuda.get_device_name() if cfg["accelerator"] == "gpu" else f"cpu x{torch.get_num_threads()}"
-        return {**cfg, "device": device, "step_ms": step_s * 1e3}
+        step_s = median_step(run_bare(model, tokens, cfg, args.grad_clip), cfg["warmup"])
+        return {**cfg, "device": device_label(cfg["accelerator"] == "gpu"), "step_ms": step_s * 1e3}
     # No mini-epoch ends within the run: no checkpoints, no files beyond the log header.
     plan = RunPlan(proj_dir=proj, ctx_len=ctx, real_bsz=args.micro_bsz, world_size=1, epoch_steps=10 ** 9,
                    start_step=0, total_steps=10 ** 9, epoch_save=0)
@@ -149,13 +158,11 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     timer = StepTimer()
     trainer = train.build_trainer(args, n_steps, [TrainingMonitor(plan, schedule, header=["bench_train"]), timer])
     trainer.fit(model, train_dataloaders=data)
-    step_s = statistics.median(b - a for a, b in zip(timer.ends[cfg["warmup"] - 1:], timer.ends[cfg["warmup"]:]))
-    if cfg["accelerator"] == "gpu":
-        peak, device = torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.get_device_name()
-    else:
-        peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, f"cpu x{torch.get_num_threads()}"
-    return {**cfg, "device": device, "step_ms": step_s * 1e3, "tok_s": args.micro_bsz * ctx / step_s,
-            "peak_gib": peak}
+    step_s = median_step(timer.ends, cfg["warmup"])
+    gpu = cfg["accelerator"] == "gpu"
+    peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {**cfg, "device": device_label(gpu), "step_ms": step_s * 1e3, "tok_s": args.micro_bsz * ctx / step_s,
+            "peak_gib": peak / 2 ** 30}
 
 
 def optimizer_rows(device: str, repeats: int = 7) -> list[tuple[str, ...]]:
@@ -182,8 +189,7 @@ def optimizer_rows(device: str, repeats: int = 7) -> list[tuple[str, ...]]:
             samples.append(time.perf_counter() - start)
         times[name] = statistics.median(samples[1:]) * 1e3
     base = times["per-tensor loop"]
-    dev = f"cpu x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name()
-    return [(dev, name, f"{ms:.1f}", f"{base / ms:.2f}x") for name, ms in times.items()]
+    return [(device_label(device == "cuda"), name, f"{ms:.1f}", f"{base / ms:.2f}x") for name, ms in times.items()]
 
 
 def measure(cfg: dict[str, Any]) -> dict[str, Any]:
