@@ -7,7 +7,8 @@ For each kernel (forward/backward x bf16/fp16/fp32) and target: registers per th
 stack/scratch memory (ptxas "bytes stack frame", AMD "ScratchSize" per lane: the same measure) and
 what spilled (ptxas: bytes of spill stores/loads; AMD: VGPRs spilled). The backstepping design wants
 no spills (the state row lives in registers; a spill costs memory traffic in every time step).
-- NVIDIA: nvcc with the flags torch's build adds and kernel.py's, `-Xptxas -v` (sm_80 A100, sm_90 H100).
+- NVIDIA: nvcc with the flags torch's build adds and kernel.py's, `-Xptxas -v`, for each target of
+  NV_TARGETS that this nvcc can build (CUDA 13 dropped sm_70; sm_120 needs CUDA 12.8 or later).
 - AMD: torch's hipify of cuda/wkv7_cuda.cu, then hipcc with the flags torch's ROCm build adds and
   kernel.py's, `-Rpass-analysis=kernel-resource-usage` (gfx90a MI200, gfx1030 RDNA2). On HIP older
   than 5.7 (no <hip/hip_bf16.h>) tests/hip_compat supplies that header. "regs" there is VGPRs +
@@ -33,7 +34,9 @@ from src.wkv7 import kernel as K
 REPO = Path(__file__).resolve().parents[1]
 CU = REPO / "cuda" / "wkv7_cuda.cu"
 HIP_COMPAT = REPO / "tests" / "hip_compat"
-NV_ARCHS = ("80", "90")
+# The GPUs people train this model on: laptop and desktop cards as well as data-centre ones.
+NV_TARGETS = {"70": "V100", "75": "T4, RTX 20xx", "80": "A100, A30", "86": "RTX 30xx, A10",
+              "89": "RTX 40xx, L4", "90": "H100, H200", "120": "RTX 50xx"}
 AMD_ARCHS = ("gfx90a", "gfx1030")
 ELEMS = {"13__nv_bfloat16": "bf16", "14__hip_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
@@ -46,19 +49,25 @@ def _kernel_label(mangled: str) -> str:
 Row = tuple[str, str, str, int, int, str]  # compiler, target, kernel, registers, stack bytes, spilled
 
 
-def nvcc_command(defines: list[str], out: Path) -> list[str]:
-    """nvcc on cuda/wkv7_cuda.cu with the flags of torch's build and kernel.py's, for NV_ARCHS, with
+def nv_archs() -> tuple[str, ...]:
+    """The NV_TARGETS compute capabilities (e.g. "86") that the nvcc on PATH can compile for."""
+    listed = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    return tuple(a for a in NV_TARGETS if f"compute_{a}" in listed)
+
+
+def nvcc_command(defines: list[str], out: Path, archs: tuple[str, ...]) -> list[str]:
+    """nvcc on cuda/wkv7_cuda.cu with the flags of torch's build and kernel.py's, for `archs`, with
     ptxas' per-kernel report (-v)."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in NV_ARCHS]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     return ["nvcc", "-c", "-std=c++20", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS, *K._NVCC_FLAGS, "-Xptxas", "-v",
             *defines, *gencode, str(CU), "-o", str(out)]
 
 
 def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     """Rows from ptxas -v."""
-    res = subprocess.run(nvcc_command(defines, tmp / "k.o"), capture_output=True, text=True)
+    res = subprocess.run(nvcc_command(defines, tmp / "k.o", nv_archs()), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{res.stderr[-3000:]}")
     version = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
@@ -69,7 +78,8 @@ def nvcc_rows(defines: list[str], tmp: Path) -> list[Row]:
         elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
             stack, spill = int(m.group(1)), f"st {m.group(2)} B / ld {m.group(3)} B"
         elif (m := re.search(r"Used (\d+) registers", line)) and name:
-            rows.append((f"nvcc {version.group(1) if version else '?'}", f"sm_{arch}", _kernel_label(name),
+            target = f"sm_{arch} ({NV_TARGETS.get(arch, '?')})"
+            rows.append((f"nvcc {version.group(1) if version else '?'}", target, _kernel_label(name),
                          int(m.group(1)), stack, spill))
             name = ""
     return rows
@@ -151,6 +161,12 @@ def hipcc_rows(defines: list[str], tmp: Path) -> list[Row]:
     return rows
 
 
+def _row_order(row: Row) -> tuple:
+    """Compiler, then targets by number (sm_75 before sm_120, gfx90a before gfx1030), then kernel."""
+    arch = re.search(r"\d+", row[1])
+    return row[0], int(arch.group()) if arch else 0, row[1], row[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head_size", type=int, default=64, choices=K.SUPPORTED_HEAD_SIZES)
@@ -167,7 +183,7 @@ def main() -> None:
                 missing.append(tool)
     print(f"WKV7 kernel resources, head size {args.head_size}, chunk {K.CHUNK_LEN}")
     print(markdown_table(["compiler", "target", "kernel", "regs/thread", "stack/scratch B", "spilled"],
-                         sorted(rows, key=lambda r: (r[0], r[1], r[2])), "lllrrl"))
+                         sorted(rows, key=_row_order), "lllrrl"))
     for tool in missing:
         print(f"({tool} not found: its rows are missing)")
 

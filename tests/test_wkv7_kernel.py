@@ -363,22 +363,25 @@ DEFINES = ["-D_N_=64", f"-D_CHUNK_LEN_={CHUNK}"]
 
 @pytest.fixture(scope="module")
 def cu_object(tmp_path_factory):
-    """The .cu compiled by nvcc with torch's and the kernel's flags (kernel.py) for sm_80 and sm_90."""
-    from benchmarks.kernel_resources import NV_ARCHS, nvcc_command
+    """The .cu compiled by nvcc with torch's and the kernel's flags (kernel.py) for every GPU generation
+    this nvcc supports (benchmarks.kernel_resources.NV_TARGETS: T4/RTX 20xx to RTX 50xx with CUDA 13)."""
+    from benchmarks.kernel_resources import nv_archs, nvcc_command
 
     if NVCC is None:
         pytest.skip("nvcc not found")
-    assert NV_ARCHS == ("80", "90")
+    archs = nv_archs()
+    assert {"80", "90"} <= set(archs), f"nvcc lists {archs}: CUDA 11.8 or later is needed for sm_90"
     obj = tmp_path_factory.mktemp("nvcc") / "wkv7_cuda.o"
-    res = subprocess.run(nvcc_command(DEFINES, obj), capture_output=True, text=True)
+    res = subprocess.run(nvcc_command(DEFINES, obj, archs), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
-    return obj, res.stdout + res.stderr
+    return obj, res.stdout + res.stderr, archs
 
 
 def test_nvcc_compiles_every_element_type(cu_object) -> None:
-    _, log = cu_object
+    _, log, archs = cu_object
     entries = re.findall(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", log)
-    for arch in ("80", "90"):
+    assert {a for _, a in entries} == set(archs)
+    for arch in archs:
         names = [n for n, a in entries if a == arch]
         for kern in ("forward_kernel", "backward_kernel"):
             for elem in ("13__nv_bfloat16", "6__half", "f"):
