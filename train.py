@@ -174,6 +174,14 @@ def check_machine(args: argparse.Namespace) -> None:
             raise TrainingError("--precision fp16 (16-mixed) needs a GPU; on CPU use bf16 or fp32")
         if args.wkv_impl == "cuda":
             raise TrainingError("--wkv_impl cuda needs a GPU; on CPU use --wkv_impl torch (or auto)")
+    if args.accelerator == "gpu" and args.precision in ("bf16", "tf32") and not torch.version.hip:
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:   # bf16 and TF32 tensor cores came with Ampere (compute capability 8.0)
+            card = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+            say(f"note: {card} has no bf16 or TF32 tensor cores, so --precision {args.precision} runs its matrix "
+                "products several times slower than fp16 would. --precision fp16 (PRECISION=fp16 for the demo "
+                "scripts) uses its fp16 tensor cores; fp16 can overflow, and a NaN/inf loss then stops training "
+                "with the last checkpoint intact (continue from it in bf16 or fp32)")
     if args.accelerator == "gpu" and args.wkv_impl != "torch":   # the WKV7 GPU kernel will be used
         # Without nvcc/ninja, wkv7's "auto" would quietly train on the PyTorch path (~25x slower WKV7).
         problem = toolchain_problem()

@@ -126,6 +126,25 @@ def test_gpu_kernel_needs_ctx_len_multiple_of_16(data: tuple[Path, int], proj: P
              r"--ctx_len 40 is not a multiple of 16, which the WKV7 GPU kernel needs .* --wkv_impl torch", proj)
 
 
+@pytest.mark.parametrize("capability,precision,noted", [((7, 5), "bf16", True), ((7, 0), "tf32", True),
+                                                       ((7, 5), "fp16", False), ((8, 6), "bf16", False)])
+def test_gpu_without_bf16_tensor_cores_is_told_about_fp16(capability: tuple[int, int], precision: str, noted: bool,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A T4 / RTX 20xx / V100 emulates bf16: train.py says that fp16 is the fast choice there, and only there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(train, "toolchain_problem", lambda: None)
+    train.check_machine(train.parse_args(["--accelerator", "gpu", "--precision", precision]))
+    out = capsys.readouterr().out
+    assert ("Tesla T4 (compute capability %d.%d) has no bf16 or TF32 tensor cores" % capability in out) == noted, out
+    if noted:
+        assert f"--precision {precision} runs its matrix products several times slower" in out
+        assert "--precision fp16 (PRECISION=fp16 for the demo scripts)" in out
+
+
 def test_gpu_training_without_the_kernel_toolchain(data: tuple[Path, int], proj: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """No nvcc/ninja on a GPU machine: an error before training, not a quiet ~25x slower WKV7."""
