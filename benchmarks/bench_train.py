@@ -52,12 +52,15 @@ def configs(device: str, quick: bool) -> list[dict[str, Any]]:
         if torch.cuda.is_available():
             ds = "deepspeed_stage_2" if importlib.util.find_spec("deepspeed") else "auto"
             gpu = dict(accelerator="gpu", precision="bf16", warmup=gpu_steps[0], steps=gpu_steps[1])
-            out += [dict(gpu, strategy=ds, micro_bsz=b, ds_bucket_mb=2, compile=0) for b in (16, 32, 64)]
-            out += [dict(gpu, strategy=ds, micro_bsz=64, ds_bucket_mb=200, compile=c) for c in (0, 1)]
-            out += [dict(gpu, strategy="auto", micro_bsz=64, ds_bucket_mb=2, compile=c) for c in (0, 1)]
-            # A step that costs the same from micro batch 16 to 64 is bound by per-step overhead: a larger
-            # batch (128 divides the 40320-sample mini-epoch, ~31 GiB) spreads it over twice the tokens.
-            out += [dict(gpu, strategy=s, micro_bsz=128, ds_bucket_mb=200, compile=0) for s in (ds, "auto")]
+            # (strategy, bucket MB, micro_bsz, compile). A step that costs the same from micro batch 16 to 64
+            # is bound by per-step overhead: micro batch 128 (divides the 40320-sample mini-epoch, ~31 GiB)
+            # spreads it over twice the tokens. --quick (gpu_check.sh: ~4 min) keeps the rows that decide
+            # the issue's target.
+            rows = [(ds, 2, 64, 0), (ds, 200, 64, 0), (ds, 200, 128, 0),
+                    ("auto", 2, 64, 0), ("auto", 2, 128, 0), ("auto", 2, 64, 1)]
+            if not quick:
+                rows += [(ds, 2, 16, 0), (ds, 2, 32, 0), (ds, 200, 64, 1)]
+            out += [dict(gpu, strategy=s, ds_bucket_mb=mb, micro_bsz=b, compile=c) for s, mb, b, c in rows]
         elif device == "cuda":
             print("no CUDA/ROCm device: nothing to measure with --device cuda")
     return out
@@ -74,14 +77,15 @@ def median_step(ends: list[float], warmup: int) -> float:
     return statistics.median(b - a for a, b in zip(ends[warmup - 1:], ends[warmup:]))
 
 
-def fixed_cost_configs(device: str) -> list[dict[str, Any]]:
+def fixed_cost_configs(device: str, quick: bool) -> list[dict[str, Any]]:
     """The per-step cost that does not grow with the batch: a model of L8's shape with almost no
-    arithmetic (n_embd 64, ctx 16, micro batch 1), stepped by a bare PyTorch loop and by train.py's Trainer."""
+    arithmetic (n_embd 64, ctx 16, micro batch 1), stepped by a bare PyTorch loop and by train.py's Trainer.
+    The GPU rows (a minute with their process starts) are left out of --quick."""
     tiny = dict(tiny=True, micro_bsz=1, ds_bucket_mb=2, compile=0, warmup=5, steps=30)
     out = []
     if device in ("cpu", "all"):
         out += [dict(tiny, accelerator="cpu", precision="fp32", strategy="auto", bare=b) for b in (True, False)]
-    if device in ("cuda", "all"):
+    if device in ("cuda", "all") and not quick:
         import torch
         if torch.cuda.is_available():
             gpu = dict(tiny, accelerator="gpu", precision="bf16")
@@ -225,7 +229,7 @@ def main() -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     rows = [measure(cfg) for cfg in configs(opts.device, opts.quick)]
-    fixed = [measure(cfg) for cfg in fixed_cost_configs(opts.device)]
+    fixed = [measure(cfg) for cfg in fixed_cost_configs(opts.device, opts.quick)]
 
     print("\nL8-D512 V6400 ctx 512, one device; median step after warm-up")
     base = {}   # (device, precision, strategy, bucket, micro_bsz) -> tokens/s without compile

@@ -2,13 +2,17 @@
 # One-GPU check: build the WKV7 kernel, run the GPU tests and the GPU benchmarks, print a summary.
 #
 #   bash benchmarks/gpu_check.sh                          # logs under benchmarks/_work/gpu (or $OUT)
-#   STEPS="kernel_build bench_train" bash benchmarks/gpu_check.sh   # only some steps (all < 10 min)
+#   STEPS="kernel_build bench_train" bash benchmarks/gpu_check.sh   # only some steps
+# Steps run in this order: kernel_build bench_wkv7 alt_kernel gpu_tests bench_train bench_chat.
 #
 # A/B of a candidate kernel on the same warm GPU (the device machine gets no .git, so bring the file):
 #   mkdir -p .alt && git show exp/wkv7-bwd-2tpr:cuda/wkv7_cuda.cu > .alt/wkv7_cuda.cu    # .alt/ is ignored
-#   STEPS="kernel_build gpu_tests bench_wkv7 alt_kernel" ALT_CU=.alt/wkv7_cuda.cu bash benchmarks/gpu_check.sh
-# (device tool: carry [".alt"]). alt_kernel builds ALT_CU in a copy of the repo with its own extension
-# cache, runs the GPU kernel tests there and the same bench_wkv7; the summary prints both tables.
+#   STEPS="kernel_build bench_wkv7 alt_kernel gpu_tests" ALT_CU=.alt/wkv7_cuda.cu bash benchmarks/gpu_check.sh
+# (device tool: carry [".whl", ".alt"]). alt_kernel builds ALT_CU in a copy of the repo with its own
+# extension cache, runs the GPU kernel tests there and the same bench_wkv7; the summary prints both tables.
+# On a 15-minute device budget with 10-minute calls (times seen on an H100/H200): that call takes
+# ~7 min (build 20 s, bench_wkv7 1 min, alt_kernel 2 min, gpu_tests 3-4 min with a FusedAdam build),
+# then STEPS="bench_train" on the same warm machine ~4 min.
 #
 # Each step runs under its own time limit and its log is kept; a failed step does not stop the
 # later ones, the summary at the end says which failed, and the script exits non-zero if any did.
@@ -24,9 +28,9 @@ WHEEL_SITE="${WHEEL_SITE:-${TMPDIR:-/tmp}/wkv7_site}"
 HEAD_SIZE="${HEAD_SIZE:-64}"                       # kernel head size to build
 STEPS="${STEPS:-kernel_build gpu_tests bench_wkv7 bench_train bench_chat}"   # which steps to run
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-150}"              # seconds per step
-TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"                # test_train_gpu: 4 train.py runs and a FusedAdam build
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
-TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-540}"              # 9 configurations + 3 fixed-cost ones, compile and FusedAdam builds included
+TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-330}"              # --quick: 6 configurations (one compiles), FusedAdam build included
 CHAT_TIMEOUT="${CHAT_TIMEOUT:-60}"
 ALT_TIMEOUT="${ALT_TIMEOUT:-300}"                  # alt_kernel: build + GPU kernel tests + bench_wkv7
 ALT_CU="${ALT_CU:-}"                               # alt_kernel: the candidate cuda/wkv7_cuda.cu
@@ -84,12 +88,9 @@ t0 = time.perf_counter()
 load_kernel($HEAD_SIZE, verbose=True)  # shows nvcc's register/spill report
 print(f'wkv7 kernel N=$HEAD_SIZE built and loaded in {time.perf_counter() - t0:.1f} s')
 "
+# The kernel's figures first: a call cut short by the device's time limit still has them.
 # shellcheck disable=SC2086  # the argument strings are meant to split
-step gpu_tests "$TEST_TIMEOUT" "$PYTHON" -m pytest $PYTEST_ARGS
-# shellcheck disable=SC2086
 step bench_wkv7 "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.bench_wkv7 $BENCH_ARGS
-step bench_train "$TRAIN_TIMEOUT" "$PYTHON" -m benchmarks.bench_train --device cuda --quick
-step bench_chat "$CHAT_TIMEOUT" "$PYTHON" -m benchmarks.bench_chat --device cuda --quick --no_pip
 
 # alt_kernel: the same kernel tests and benchmark with ALT_CU in place of cuda/wkv7_cuda.cu
 alt_kernel() {
@@ -110,6 +111,12 @@ alt_kernel() {
 export -f alt_kernel   # step runs its command under `timeout`, in a child bash
 export ALT_CU HEAD_SIZE PYTHON
 step alt_kernel "$ALT_TIMEOUT" bash -c alt_kernel
+
+# shellcheck disable=SC2086
+step gpu_tests "$TEST_TIMEOUT" "$PYTHON" -m pytest $PYTEST_ARGS
+step bench_train "$TRAIN_TIMEOUT" "$PYTHON" -m benchmarks.bench_train --device cuda --quick
+step bench_chat "$CHAT_TIMEOUT" "$PYTHON" -m benchmarks.bench_chat --device cuda --quick --no_pip
+
 
 {
     echo
