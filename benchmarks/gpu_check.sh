@@ -10,7 +10,7 @@
 #   STEPS="kernel_build bench_wkv7 alt_kernel gpu_tests" ALT_CU=.alt/wkv7_cuda.cu bash benchmarks/gpu_check.sh
 # (device tool: carry [".whl", ".alt"]). alt_kernel builds ALT_CU in a copy of the repo with its own
 # extension cache, runs the GPU kernel tests there and the same bench_wkv7; the summary prints both tables.
-# On a 15-minute device budget with 10-minute calls (times seen on an H100/H200): that call takes
+# On a 15-minute device budget with 10-minute calls (estimated from earlier H100/H200 runs): that call takes
 # ~7 min (build 20 s, bench_wkv7 1 min, alt_kernel 2 min, gpu_tests 3-4 min with a FusedAdam build),
 # then STEPS="bench_train" on the same warm machine ~4 min.
 #
