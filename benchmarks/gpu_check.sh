@@ -11,7 +11,7 @@
 # (device tool: carry [".whl", ".alt"]). alt_kernel builds ALT_CU in a copy of the repo with its own
 # extension cache, runs the GPU kernel tests there and the same bench_wkv7; the summary prints both tables.
 # On a 15-minute device budget with 10-minute calls (estimated from earlier H100/H200 runs): that call takes
-# ~7 min (build 20 s, bench_wkv7 1 min, alt_kernel 2 min, gpu_tests 3-4 min with a FusedAdam build),
+# ~8 min (build 20 s, bench_wkv7 1 min, alt_kernel 2 min, gpu_tests ~5 min with the DeepSpeed op builds),
 # then STEPS="bench_train" on the same warm machine ~4 min.
 #
 # Each step runs under its own time limit and its log is kept; a failed step does not stop the
@@ -28,7 +28,7 @@ WHEEL_SITE="${WHEEL_SITE:-${TMPDIR:-/tmp}/wkv7_site}"
 HEAD_SIZE="${HEAD_SIZE:-64}"                       # kernel head size to build
 STEPS="${STEPS:-kernel_build gpu_tests bench_wkv7 bench_train bench_chat}"   # which steps to run
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-150}"              # seconds per step
-TEST_TIMEOUT="${TEST_TIMEOUT:-300}"                # test_train_gpu: 4 train.py runs and a FusedAdam build
+TEST_TIMEOUT="${TEST_TIMEOUT:-420}"                # test_train_gpu: 7 train.py runs, FusedAdam and CPUAdam builds
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-330}"              # --quick: 6 configurations (one compiles), FusedAdam build included
 CHAT_TIMEOUT="${CHAT_TIMEOUT:-60}"

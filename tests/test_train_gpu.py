@@ -1,4 +1,5 @@
-"""train.py on one GPU with DeepSpeed ZeRO-2 in bf16 (the published setting): learns, saves, resumes exactly.
+"""train.py on one GPU with DeepSpeed ZeRO-2 in bf16 (the published setting): learns, saves, resumes exactly;
+ZeRO-3 and the CPU-offload variants train like it.
 
 Skipped without a CUDA/ROCm device. Tiny model (L2-D128, head size 64 for the kernel) at ctx 32.
 """
@@ -29,18 +30,28 @@ def gpu_flags(data: Path, n: int, proj: Path, **over: object) -> list[str]:
     return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
 
 
-def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None:
-    data, full, killed = tmp_path / "prog", tmp_path / "full", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, Path, list[dict[str, float]]]:
+    """The data, its token count, proj_dir and train_log rows of an uninterrupted ZeRO-2 bf16 run from
+    rwkv-init.pth: the reference the other strategies and the resumed run are held to."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    data, full = tmp / "prog", tmp / "full"
     n = write_progressions(data, n_docs=600, seed=21)
     r = run_cli(["--train_stage", "1", "--proj_dir", str(full), "--precision", "bf16",
                  *[s for k, v in GPU_MODEL.items() for s in (f"--{k}", str(v))]])
     assert r.returncode == 0, r.stderr
-    killed.mkdir()
-    shutil.copy(full / "rwkv-init.pth", killed / "rwkv-init.pth")
     r = run_cli(gpu_flags(data, n, full))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     rows = read_train_log(full / "train_log.txt")
     assert len(rows) == EPOCHS and rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
+    return data, n, full, rows
+
+
+def test_deepspeed_bf16_trains_saves_and_resumes_exactly(zero2, tmp_path: Path) -> None:
+    data, n, full, rows = zero2
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(full / "rwkv-init.pth", killed / "rwkv-init.pth")
 
     # weights: SPEC keys, bf16 as DeepSpeed trains them; the optimizer state is DeepSpeed's own folder,
     # and only the newest one is kept
@@ -66,6 +77,34 @@ def test_deepspeed_bf16_trains_saves_and_resumes_exactly(tmp_path: Path) -> None
     for a, b in zip(rows[newest + 1:], again):
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "deepspeed_stage_2_offload", "deepspeed_stage_3_offload"])
+def test_zero3_and_offload_train_like_zero2(zero2, strategy: str, tmp_path: Path) -> None:
+    """ZeRO-3 (parameters partitioned: the saved weights must be gathered) and the CPU-offload variants
+    (DeepSpeedCPUAdam) do the same training as ZeRO-2: the same losses up to bf16 rounding, and
+    complete, finite checkpoints in SPEC's keys and shapes."""
+    data, n, full, rows = zero2
+    proj = tmp_path / strategy
+    proj.mkdir()
+    shutil.copy(full / "rwkv-init.pth", proj / "rwkv-init.pth")
+    r = run_cli(gpu_flags(data, n, proj, strategy=strategy))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    got = read_train_log(proj / "train_log.txt")
+    assert len(got) == EPOCHS
+    for a, b in zip(rows, got):
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+        assert b["loss"] == pytest.approx(a["loss"], abs=0.05), (rows, got)
+    reference = RWKV(ModelConfig(**GPU_MODEL)).state_dict()
+    init = torch.load(proj / "rwkv-init.pth", weights_only=True)
+    for name in ("rwkv-1.pth", "rwkv-final.pth"):
+        sd = torch.load(proj / name, weights_only=True)
+        assert list(sd) == list(reference), name
+        for k, v in sd.items():
+            assert v.shape == reference[k].shape, (name, k, tuple(v.shape))   # gathered, not a ZeRO-3 shard
+            assert torch.isfinite(v.float()).all(), (name, k)
+    final = torch.load(proj / "rwkv-final.pth", weights_only=True)
+    assert not torch.equal(final["blocks.0.att.receptance.weight"].float(), init["blocks.0.att.receptance.weight"].float())
 
 
 def test_step_loss_is_read_without_waiting_for_later_work() -> None:
