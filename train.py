@@ -34,6 +34,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Subset
@@ -407,13 +408,17 @@ def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[
     if args.precision == "tf32" and args.accelerator == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Under SLURM, Lightning's auto-requeue would on SIGUSR1 write its own hpc_ckpt_N.ckpt into proj_dir
+    # and, in the requeued job, load it over this repo's resume (rwkv-N.pth and its state): two resumes
+    # that disagree. Off: a job started again with the same command continues from the newest rwkv-N.pth.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     return pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                       precision=PRECISIONS[args.precision], strategy=build_strategy(args),
                       max_epochs=1, max_steps=max_steps, use_distributed_sampler=False,
                       gradient_clip_val=args.grad_clip if args.grad_clip > 0 else None,
                       logger=False, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
                       enable_progress_bar=args.enable_progress_bar, default_root_dir=args.proj_dir,
-                      callbacks=list(callbacks))
+                      callbacks=list(callbacks), plugins=plugins)
 
 
 def run_header(args: argparse.Namespace, argv: Sequence[str], start: Path, how: str) -> list[str]:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 
 import train
@@ -256,6 +258,26 @@ def test_deepspeed_config_has_no_per_step_host_waits(devices: int, precision: st
         assert config.bfloat16_config.enabled and not config.bfloat16_config.check_grad_overflow
     else:   # fp16 keeps DeepSpeed's loss scaler, whose overflow check it needs; Lightning fills that section
         assert not config.bfloat16_config.enabled
+
+
+def test_slurm_auto_requeue_is_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Under SLURM, Lightning's auto-requeue would catch SIGUSR1, write its own hpc_ckpt_N.ckpt into
+    proj_dir and load it in the requeued job over train.py's resume: train.py turns it off."""
+    args = train.parse_args(["--accelerator", "cpu", "--precision", "fp32", "--proj_dir", str(tmp_path)])
+    outside = train.build_trainer(args, 1, [])
+    assert not isinstance(outside._accelerator_connector.cluster_environment, SLURMEnvironment)
+    for k, v in dict(SLURM_NTASKS="1", SLURM_JOB_NAME="pretrain", SLURM_JOB_ID="42", SLURM_NODEID="0",
+                     SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODELIST="node1").items():
+        monkeypatch.setenv(k, v)
+    inside = train.build_trainer(args, 1, [])
+    env = inside._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and not env.auto_requeue
+    before = signal.getsignal(signal.SIGUSR1)
+    inside._signal_connector.register_signal_handlers()   # what fit() does first
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is before, "a SIGUSR1 (requeue) handler was installed"
+    finally:
+        inside._signal_connector.teardown()
 
 
 def test_mini_epoch_counts_every_process_of_every_node(data: tuple[Path, int], proj: Path) -> None:
