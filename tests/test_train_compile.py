@@ -97,3 +97,34 @@ def test_compiled_bf16_gradients_are_finite_and_match_eager() -> None:
         assert torch.isfinite(g).all(), name
         ref = grads[0][name]
         assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name   # bf16 rounding, not a wrong formula
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-weights"])
+def test_compiled_model_on_the_gpu_matches_eager(precision: str) -> None:
+    """--compile 1 on a GPU (Triton kernels around the WKV7 CUDA kernel), as Lightning's bf16-mixed
+    (autocast) and as DeepSpeed's bf16 (bf16 weights) run it: logits and every gradient close to eager."""
+    from src.wkv7.kernel import kernel_available
+
+    torch.manual_seed(2)
+    cfg = dict(n_layer=2, n_embd=128, head_size=64, vocab_size=97, wkv_impl="cuda" if kernel_available("cuda") else "torch")
+    eager = RWKV(ModelConfig(**cfg)).cuda()
+    comp = RWKV(ModelConfig(**cfg, compile=1), init_weights=False).cuda()
+    comp.load_state_dict(eager.state_dict())
+    if precision == "bf16-weights":
+        eager, comp = eager.bfloat16(), comp.bfloat16()
+    x, y = (torch.randint(0, 97, (4, 128), device="cuda") for _ in range(2))
+    outs, grads = [], []
+    for model in (eager, comp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            logits = model(x)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        outs.append(logits.float())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert (outs[1] - outs[0]).norm() <= 0.02 * outs[0].norm()
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[1].items():
+        assert torch.isfinite(g).all(), name
+        ref = grads[0][name]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
