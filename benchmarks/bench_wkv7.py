@@ -7,8 +7,7 @@
 
 CPU: the per-step reference (src/wkv7/reference.py) against the chunked PyTorch path
 (src/wkv7/torch_impl.py), side by side in one run, with their ratio (issue target: >= 10x at
-B=1 T=512 H=8 N=64 fp32, forward+backward); without --quick also the chunked path compiled
-(wkv7_chunked(compiled=True), what --compile 1 runs) for the fp32 shapes.
+B=1 T=512 H=8 N=64 fp32, forward+backward).
 GPU: the backstepping kernel (src/wkv7/kernel.py) at B=8 T=4096 H=64 N=64 bf16 (target on an
 H100: <= 17 ms forward+backward) and at the model's shapes B=16/32/64 T=512 H=8 N=64, beside the
 chunked PyTorch path on the same GPU. GPU times come from CUDA events after warm-up (the first call
@@ -18,7 +17,6 @@ also builds the kernel); every figure is the median of the repeats.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import statistics
 import time
@@ -112,10 +110,6 @@ def run_cpu(quick: bool) -> list[Row]:
         dt = str(dtype).removeprefix("torch.")
         rows.append(Row("cpu", name, dt, "sequential reference", *seq))
         rows.append(Row("cpu", name, dt, "chunked torch", *chk, f"{seq[1] / chk[1]:.1f}x faster (fwd+bwd)"))
-        if not quick and dtype == torch.float32:  # --compile 1's path; the warm-up call compiles (~20-40 s)
-            comp = bench(functools.partial(wkv7_chunked, compiled=True), ins, "cpu", 1, reps)
-            rows.append(Row("cpu", name, dt, "chunked torch, compiled", *comp,
-                            f"{chk[1] / comp[1]:.2f}x the eager chunked (fwd+bwd)"))
     return rows
 
 

@@ -44,7 +44,7 @@ class ModelConfig:
     d_gate_lora: int = 0
     grad_cp: int = 0            # 1: recompute each block in backward (less memory, ~30% slower)
     wkv_impl: str = "auto"      # auto | cuda | torch (see src.wkv7)
-    compile: int = 0            # 1: torch.compile the time/channel mixes and the PyTorch WKV7 (compiles on first step; for fixed shapes, i.e. training)
+    compile: int = 0            # 1: torch.compile the time/channel mixes (compiles on first step; for fixed shapes, i.e. training)
     lr_init: float = 6e-4       # the optimizer's initial lr (train.py's schedule sets every step's)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -138,14 +138,14 @@ class TimeMix(nn.Module):
         # at two, whatever the depth.
         r, w, k, v, a_in, b_in, g = project(self, x, v_first if self.layer_id > 0 else None, shift)
         y, wkv_state = wkv7(r.view(heads), w.view(heads), k.view(heads), v.view(heads), a_in, b_in,
-                            state=wkv_state, impl=self.wkv_impl, compiled=self.compiled)  # (B,T,H,N)
+                            state=wkv_state, impl=self.wkv_impl)  # (B,T,H,N)
         return readout(self, y, r, k, v, g), (v if self.layer_id == 0 else v_first), x[:, -1], wkv_state
 
 
 # TimeMix's work before and after WKV7, as plain functions so that --compile 1 can compile exactly
 # these: every output is a fresh tensor (views and pass-through values are made in the eager
-# forward; aliased outputs of compiled graphs crashed torch 2.13's AOTAutograd replay) and WKV7
-# is compiled on its own (see src/wkv7/__init__.py).
+# forward; aliased outputs of compiled graphs crashed torch 2.13's AOTAutograd replay). WKV7 stays
+# out of the compiled graphs (see src/wkv7/__init__.py).
 def _project(m: TimeMix, x: Tensor, v_first: Tensor | None,
              shift: Tensor | None) -> tuple[Tensor, ...]:
     """SPEC steps 1-9: x (B,T,C) -> r, w, k, v, g (B,T,C) and the WKV7 a, b inputs (B,T,H,N)."""

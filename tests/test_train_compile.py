@@ -1,4 +1,4 @@
-"""--compile 1: the compiled time/channel mixes and chunked WKV7 train the same model as eager ones (CPU).
+"""--compile 1: the compiled time/channel mixes train the same model as eager ones (CPU; one GPU test).
 
 Compilation of the tiny model takes ~30-60 s on a 2-core machine; the speed gain is measured in
 benchmarks/bench_train.py, not here.
@@ -47,10 +47,10 @@ def test_compiled_model_trains_like_eager(tmp_path: Path) -> None:
     assert worst < 1e-3 * moved + 1e-6, (worst, moved)
 
 
-def test_compiled_model_keeps_state_dict_and_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_model_keeps_state_dict_and_outputs() -> None:
     """ModelConfig(compile=1): same keys, same logits as eager (float64 check), and the layers share
-    their compiled graphs (two variants of the time-mix projection, one readout, one channel mix,
-    one chunked WKV7)."""
+    their compiled graphs (two variants of the time-mix projection, one readout, one channel mix;
+    WKV7 is not compiled)."""
     torch.manual_seed(0)
     cfg = dict(n_layer=3, n_embd=64, head_size=32, vocab_size=97)
     eager = RWKV(ModelConfig(**cfg)).double()
@@ -59,15 +59,10 @@ def test_compiled_model_keeps_state_dict_and_outputs(monkeypatch: pytest.MonkeyP
     assert list(comp.state_dict()) == list(eager.state_dict())
     x = torch.randint(0, 97, (2, 32))
     from torch._dynamo.utils import counters
-    import src.wkv7.torch_impl as torch_impl
-    calls = []
-    compiled_wkv = torch_impl._chunked_compiled
-    monkeypatch.setattr(torch_impl, "_chunked_compiled", lambda *a: calls.append(a[0].dtype) or compiled_wkv(*a))
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         assert torch.allclose(comp(x), eager(x), rtol=1e-9, atol=1e-9)
-    assert calls == [torch.float64] * 3                            # every layer's WKV7 went the compiled way
-    assert 0 < counters["stats"]["unique_graphs"] - graphs <= 5   # compiled, not once per layer
+    assert 0 < counters["stats"]["unique_graphs"] - graphs <= 4   # compiled, not once per layer
 
 
 def test_compile_flag_checks_for_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,8 +73,8 @@ def test_compile_flag_checks_for_a_compiler(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_compiled_bf16_gradients_are_finite_and_match_eager() -> None:
-    """bf16 autocast (--precision bf16 on CPU) with compiling on, at T >= 128, where inductor once
-    produced NaN gradients through the chunked WKV7: gradients finite and close to eager ones."""
+    """bf16 autocast (--precision bf16 on CPU) with compiling on, at T >= 128 (where inductor once
+    produced NaN gradients when WKV7 was compiled too): gradients finite and close to eager ones."""
     torch.manual_seed(1)
     cfg = dict(n_layer=1, n_embd=128, head_size=64, vocab_size=97)
     eager = RWKV(ModelConfig(**cfg))

@@ -1,6 +1,6 @@
 """WKV7, the RWKV-7 state recurrence, behind one function that picks the implementation.
 
-    y, state_out = wkv7(r, w, k, v, a, b, state=None, impl="auto", compiled=False)
+    y, state_out = wkv7(r, w, k, v, a, b, state=None, impl="auto")
 
 All six inputs are (B,T,H,N) with the same dtype and device; w is the model's log-log decay (SPEC step 4),
 d = exp(-exp(w)); a and b are the model's a_in = -kk and b_in = kk * a. state is the (B,H,N,N) float32
@@ -13,8 +13,6 @@ impl:
             (T a multiple of 16, a supported head size), else the chunked PyTorch path;
   "cuda"  - the kernel, or a clear error saying why it cannot run (also on ROCm: same sources, HIP build);
   "torch" - the chunked PyTorch path on any device (the fallback when the kernel cannot be built).
-compiled: the chunked PyTorch path runs through torch.compile (train.py --compile 1); the kernel is
-  unaffected.
 """
 from __future__ import annotations
 
@@ -46,24 +44,23 @@ def _check_inputs(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
             raise ValueError(f"wkv7: state is on {state.device} but the inputs are on {r.device}")
 
 
-# Never traced by an outer torch.compile (train.py --compile 1 compiles the code around it, and this
-# keeps a whole-model torch.compile from tracing it too): the kernel is opaque to it, and inductor's
-# CPU backward of the chunked path's float32 island inside bf16 autocast gave NaN gradients (torch
-# 2.13, T >= 128; aot_eager was fine). compiled=True compiles the chunked path on its own, with
-# autocast off (torch_impl.py).
+# Never traced by torch.compile (train.py --compile 1 compiles the code around it, and this keeps a
+# whole-model torch.compile from tracing it too): the kernel is opaque to it; the chunked path's
+# hand-written backward leaves little for it to fuse (no faster compiled on CPU), and inductor's CPU
+# backward of that path's float32 island inside bf16 autocast once gave NaN gradients (torch 2.13).
 @torch.compiler.disable
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-         state: Tensor | None = None, impl: str = "auto", compiled: bool = False) -> tuple[Tensor, Tensor]:
+         state: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Run WKV7; see the module docstring for shapes, dtypes and `impl`."""
     if impl not in IMPLS:
         raise ValueError(f"wkv7: impl={impl!r} is not one of {IMPLS}")
     _check_inputs(r, w, k, v, a, b, state)
     if impl == "torch" or (impl == "auto" and r.device.type != "cuda"):
-        return wkv7_chunked(r, w, k, v, a, b, state, compiled=compiled)
+        return wkv7_chunked(r, w, k, v, a, b, state)
     # Imported here so that CPU-only use never touches the kernel module (no build at import).
     from .kernel import kernel_applicable, wkv7_kernel
     if impl == "auto" and not kernel_applicable(r):
-        return wkv7_chunked(r, w, k, v, a, b, state, compiled=compiled)
+        return wkv7_chunked(r, w, k, v, a, b, state)
     # The kernel takes one element type for all six inputs; under autocast w can arrive as float32
     # while r is bf16, so follow r (as the reference implementation did).
     w, k, v, a, b = (t.to(r.dtype) for t in (w, k, v, a, b))

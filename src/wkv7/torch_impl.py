@@ -46,15 +46,14 @@ def _step(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
 
 
 def wkv7_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                 state: Tensor | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
-                 compiled: bool = False) -> tuple[Tensor, Tensor]:
+                 state: Tensor | None = None, chunk_len: int = DEFAULT_CHUNK_LEN) -> tuple[Tensor, Tensor]:
     """WKV7 over (B,T,H,N) inputs, any T, differentiable; see the module docstring.
 
     Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast,
     the output is cast back). Returns (y (B,T,H,N) in the input dtype, final state (B,H,N,N) in the
-    compute dtype). compiled=True runs the chunk algebra through torch.compile (train.py --compile 1;
-    compiles once per shape). Since the backward is written by hand that gains nothing on CPU: at
-    B=4 T=512 H=8 N=64 fp32, 2 threads, forward+backward took ~60 ms compiled vs ~55 ms eager.
+    compute dtype). Never compiled (train.py --compile 1 leaves it eager): with the backward written
+    by hand, torch.compile made it no faster on CPU (B=4 T=512 H=8 N=64 fp32, 2 threads: ~60 ms
+    compiled vs ~55 ms eager forward+backward) and took ~40 s to compile at T=512, more at longer T.
     """
     B, T, H, N = r.shape
     cdt = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -72,8 +71,7 @@ def wkv7_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
             r, k, v, a, b = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (r, k, v, a, b))
             w = F.pad(w, (0, 0, 0, 0, 0, pad), value=-math.inf)
         # The inputs stay in their dtype: the Function casts them while moving them to its layout.
-        run = _chunked_compiled if compiled else _chunked
-        y, S = run(r, w, k, v, a, b, S, L)
+        y, S = _ChunkedWKV7.apply(r, w, k, v, a, b, S, L)
     return y[:, :T], S
 
 
@@ -84,7 +82,7 @@ class _ChunkedWKV7(torch.autograd.Function):
     passes over (B,H,C,L,N) tensors (each elementwise op's backward, the zero fills and copies behind
     slicing, cat and pad, gradient sums). Here each input is cast and moved to the chunk layout in one
     copy, sums are accumulated inside the matrix products (baddbmm_), and the decay gradient is
-    gathered in one expression. No out= arguments, so that torch.compile (compiled=True) traces it.
+    gathered in one expression.
     Chunk tensors are (K,L,N), K = C*B*H chunks ordered (C,B,H): chunk c of every (B,H) is one
     contiguous block for the sequential loop, e.g. U.view(C, B*H, L, N)[c].
     """
@@ -221,20 +219,3 @@ def _masks(L: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Te
     """(L,L) 0/1 masks: strictly lower (s < t) and lower including the diagonal (s <= t)."""
     ones = torch.ones(L, L, dtype=dtype, device=device)
     return ones.tril(-1), ones.tril(0)
-
-
-def _chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor,
-             chunk_len: int) -> tuple[Tensor, Tensor]:
-    """_ChunkedWKV7 as a plain function, what compiled=True compiles."""
-    return _ChunkedWKV7.apply(r, w, k, v, a, b, state, chunk_len)
-
-
-# For compiled=True: dynamo traces the Function's forward and backward, inductor fuses their
-# elementwise work. Compiled only with autocast off (wkv7_chunked sees to it): compiled inside bf16
-# autocast, inductor's CPU backward once gave NaN gradients (torch 2.13).
-# dynamic=False: one static graph per input shape (training has one); after a second shape dynamo
-# would otherwise switch to a symbolic-shape graph, which took minutes to compile here. So it suits
-# fixed shapes only: past dynamo's recompile limit (8 shapes) it runs eagerly, with a warning.
-# The chunk loops are unrolled, so compiling takes longer for longer sequences (~40 s at T=512 on
-# 2 cores). fullgraph=True: a graph break fails loudly instead of silently running parts eagerly.
-_chunked_compiled = torch.compile(_chunked, dynamic=False, fullgraph=True)
