@@ -327,6 +327,7 @@ class TrainingMonitor(pl.Callback):
             # group, SLURM's scancel) the collectives no longer match and every rank hangs; when it
             # works, it ends fit with SystemExit(0), exit status 0 for an unfinished run.
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._check_ranks_agree(trainer, pl_module)
         if self.resume is not None:
             self._restore_optimizer(trainer)
         if trainer.is_global_zero:
@@ -340,6 +341,30 @@ class TrainingMonitor(pl.Callback):
                                          name=f"{self.plan.proj_dir.name}-step{self.step}")
         self._last_time = time.time()
         self.epoch = _EpochStats()
+
+    def _check_ranks_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every rank chose its start alone, from the files in its proj_dir and its own flags: a node
+        whose proj_dir is not the shared folder (or whose command differs) would train other samples,
+        from other optimizer moments, for another number of steps, then hang in a collective."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        p = self.plan
+        mine = torch.tensor([p.start_step, p.total_steps, p.epoch_steps, p.real_bsz, p.ctx_len, self.warm_step,
+                             int(self.resume is not None)], dtype=torch.int64, device=pl_module.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        every = [t.tolist() for t in gathered]
+
+        def says(row: list[int]) -> str:
+            return (f"step {row[0]} of {row[1]} ({'exact resume' if row[6] else 'weights only'}, warmup step "
+                    f"{row[5]}), {row[2]} steps of {row[3]} x {row[4]} tokens a mini-epoch")
+
+        odd = [r for r, row in enumerate(every) if row != every[0]]
+        if odd:
+            raise TrainingError(f"the ranks do not agree where this run starts: rank 0 at {says(every[0])}, rank "
+                                f"{odd[0]} at {says(every[odd[0]])}. Every node must run the same command with the "
+                                f"same --proj_dir on a shared filesystem (its rwkv-N.pth files decide the start)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:

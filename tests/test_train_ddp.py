@@ -157,5 +157,62 @@ def test_sigterm_stops_both_ranks_together_and_the_rerun_resumes_exactly(tmp_pat
         assert [row["loss"] for row in again] == [row["loss"] for row in full[k][done:]]   # bit for bit
 
 
+def run_two_nodes(tmp_path: Path, flags: list[str], port: int) -> list[tuple[int | None, str]]:
+    """The same train.py command as NODE_RANK 0 and 1 (one process each, --num_nodes 2), each in its
+    own working folder (so a relative --proj_dir is node-local); (exit status or None if hung, output)."""
+    procs = []
+    for node in (0, 1):
+        where = tmp_path / f"node{node}"
+        where.mkdir(exist_ok=True)
+        out = open(where / "out.txt", "w")
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node)}
+        procs.append((subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags], cwd=where, stdout=out,
+                                       stderr=subprocess.STDOUT, env=env), out))
+    result = []
+    for node, (proc, out) in enumerate(procs):
+        try:
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            rc = None
+            proc.kill()
+            proc.wait()
+        out.close()
+        result.append((rc, (tmp_path / f"node{node}" / "out.txt").read_text()))
+    return result
+
+
+@pytest.mark.slow
+def test_two_nodes_need_the_same_start_and_stop_at_once_when_they_differ(tmp_path: Path) -> None:
+    """--num_nodes 2 (NODE_RANK 0 and 1, one process each): real_bsz counts both nodes. Each node
+    finds its start in its own --proj_dir; where that is not the shared folder, the nodes start from
+    different files: both stop with one message at once, instead of training different samples
+    from different steps and hanging in a collective when the first one ends."""
+    data = tmp_path / "prog"
+    n = write_progressions(data, seed=13)
+    init = tmp_path / "init"
+    assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    port = 20000 + (os.getpid() + 2) % 20000
+
+    def flags(proj: Path) -> list[str]:
+        return tiny_flags(data, n, proj, num_nodes=2, devices=1, strategy="ddp", epoch_steps=EPOCH_STEPS,
+                          epoch_count=2, load_model=init / "rwkv-init.pth")
+
+    shared = tmp_path / "shared"
+    for rc, said in run_two_nodes(tmp_path, flags(shared), port):
+        assert rc == 0, said[-3000:]
+    rows = read_train_log(shared / "train_log.txt")
+    assert [r["tokens"] for r in rows] == [(e + 1) * EPOCH_STEPS * 2 * MICRO_BSZ * CTX for e in range(2)]
+
+    # a relative --proj_dir on each node's own disk: node 0 holds rwkv-0.pth from an earlier run, node 1 nothing
+    (tmp_path / "node0" / "local").mkdir()
+    (tmp_path / "node0" / "local" / "rwkv-0.pth").write_bytes((shared / "rwkv-0.pth").read_bytes())
+    for rc, said in run_two_nodes(tmp_path, flags(Path("local")), port + 1):
+        assert rc == 2, said[-3000:]
+        assert (f"error: the ranks do not agree where this run starts: rank 0 at step {EPOCH_STEPS} of "
+                f"{2 * EPOCH_STEPS} (weights only" in said and "shared filesystem" in said), said[-3000:]
+    assert not (tmp_path / "node0" / "local" / "rwkv-final.pth").exists()
+
+
 if __name__ == "__main__":
     sys.exit(train.cli(sys.argv[2:], callbacks=[RankRecorder(Path(sys.argv[1]))]))
