@@ -44,7 +44,7 @@ from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
 from src.dataset import PretrainDataset, SFTDataset
 from src.model import RWKV, ModelConfig
 from src.sampler import SAMPLES_PER_EPOCH
-from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor,
+from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor, TrainingStopped,
                          find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
 from src.wkv7.kernel import toolchain_problem
 
@@ -482,6 +482,19 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     return 0
 
 
+def cli(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> int:
+    """main() as a command, returning its exit status: a problem the user must fix is one line and 2,
+    a SIGTERM that stopped training (on every rank) 128 + 15, as the signal itself would give."""
+    try:
+        return main(argv, callbacks)
+    except TrainingStopped as e:   # not an error to fix, but the run has not finished
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
     # Lightning's hint to add DataLoader workers does not apply: samples are memory-mapped slices.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -493,8 +506,4 @@ if __name__ == "__main__":
     # Lightning's info lines (devices found, a logging-service tip, "max_steps reached") repeat what the
     # lines above say; its warnings still show.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    try:
-        sys.exit(main())
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

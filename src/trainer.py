@@ -39,6 +39,10 @@ the newest loss is read at once. Every device takes the same path, and so does t
 (`ProgressBar`), which shows the monitor's numbers without LightningModule.log. A loss above
 SPIKE_RATIO times its running mean is a spike: a warning with the step, counted in the mini-epoch's
 log line.
+
+SIGTERM (to any or all ranks) is noted by a handler that replaces Lightning's and travels with the next
+step's loss mean, so every rank stops at the same step (after that step's mini-epoch save, if any) with
+TrainingStopped; train.py exits with 143. Nothing is saved for the unfinished mini-epoch.
 """
 from __future__ import annotations
 
@@ -47,7 +51,9 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -72,6 +78,15 @@ SPIKE_EMA = 0.01                 # weight of the newest loss in the running mean
 
 class TrainingError(RuntimeError):
     """A problem the user must fix (flags, files, diverged training); train.py prints it without a traceback."""
+
+
+class TrainingStopped(TrainingError):
+    """SIGTERM (a scheduler's cancel or preemption, `kill`, `timeout`) ended training early on every
+    rank at the same step; train.py exits with 128 + the signal number, as a process killed by it would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +242,8 @@ class _EpochStats:
 @dataclass
 class StepLoss:
     """A step's rank-mean loss on its way to the host: read with `value()`, which on CUDA waits only
-    for that step's copy (an event), not for work queued after it."""
+    for that step's copy (an event), not for work queued after it. `loss` may hold a second number,
+    the rank mean of the stop flags (`stop_requested()`)."""
     step: int      # optimizer steps since the start of training
     run_step: int  # steps of this run (1 = its first, which includes compiling and warm-up)
     lr: float
@@ -241,7 +257,7 @@ class StepLoss:
         loss = loss.detach().float()
         if loss.device.type != "cuda":
             return cls(step, run_step, lr, ended, loss)
-        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host = torch.empty(loss.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(loss, non_blocking=True)  # on loss.device's current stream
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(loss.device))
@@ -250,7 +266,12 @@ class StepLoss:
     def value(self) -> float:
         if self.copied is not None:
             self.copied.synchronize()
-        return float(self.loss)
+        return float(self.loss.reshape(-1)[0])
+
+    def stop_requested(self) -> bool:
+        """Whether some rank had received SIGTERM by this step (the same answer on every rank)."""
+        self.value()
+        return self.loss.numel() > 1 and float(self.loss.reshape(-1)[1]) > 0
 
 
 def _rank_mean(t: Tensor) -> Tensor:
@@ -287,6 +308,8 @@ class TrainingMonitor(pl.Callback):
         self.kt_per_s = 0.0
         self._last_time = 0.0
         self._pending: StepLoss | None = None  # the newest step's loss, not read yet
+        self._sigterm = False                  # this rank received SIGTERM (see _on_sigterm)
+        self._stop_at = 0                      # the step at which every rank saw a stop request
         self.progress: dict[str, float] = {}   # what ProgressBar shows: mini-epoch, its mean loss, lr, kt/s
         self._wandb: Any = None
 
@@ -297,6 +320,14 @@ class TrainingMonitor(pl.Callback):
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # Replaces Lightning's SIGTERM handler (its teardown restores the one from before fit).
+            # Lightning's runs a broadcast inside the handler and forwards the signal to its child
+            # ranks, which then broadcast as well: when several ranks get the signal (a process
+            # group, SLURM's scancel) the collectives no longer match and every rank hangs; when it
+            # works, it ends fit with SystemExit(0), exit status 0 for an unfinished run.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._check_ranks_agree(trainer, pl_module)
         if self.resume is not None:
             self._restore_optimizer(trainer)
         if trainer.is_global_zero:
@@ -311,6 +342,30 @@ class TrainingMonitor(pl.Callback):
         self._last_time = time.time()
         self.epoch = _EpochStats()
 
+    def _check_ranks_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every rank chose its start alone, from the files in its proj_dir and its own flags: a node
+        whose proj_dir is not the shared folder (or whose command differs) would train other samples,
+        from other optimizer moments, for another number of steps, then hang in a collective."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        p = self.plan
+        mine = torch.tensor([p.start_step, p.total_steps, p.epoch_steps, p.real_bsz, p.ctx_len, self.warm_step,
+                             int(self.resume is not None)], dtype=torch.int64, device=pl_module.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        every = [t.tolist() for t in gathered]
+
+        def says(row: list[int]) -> str:
+            return (f"step {row[0]} of {row[1]} ({'exact resume' if row[6] else 'weights only'}, warmup step "
+                    f"{row[5]}), {row[2]} steps of {row[3]} x {row[4]} tokens a mini-epoch")
+
+        odd = [r for r, row in enumerate(every) if row != every[0]]
+        if odd:
+            raise TrainingError(f"the ranks do not agree where this run starts: rank 0 at {says(every[0])}, rank "
+                                f"{odd[0]} at {says(every[odd[0]])}. Every node must run the same command with the "
+                                f"same --proj_dir on a shared filesystem (its rwkv-N.pth files decide the start)")
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self.lr = self.schedule.lr(self.step, self.warm_step)
@@ -320,8 +375,9 @@ class TrainingMonitor(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         loss_t = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        # Mean over ranks: every rank sees the same number, so all decide (stop, save) alike.
-        loss_t = _rank_mean(loss_t.detach().float())
+        # Mean over ranks, with this rank's stop flag beside the loss: every rank sees the same
+        # numbers, so all decide (stop, save) alike, at the same step.
+        loss_t = _rank_mean(torch.cat([loss_t.detach().float().reshape(1), self._stop_flag(loss_t.device)]))
         self.step += 1
         self.warm_step += 1
         self.run_steps += 1
@@ -332,6 +388,9 @@ class TrainingMonitor(pl.Callback):
         if self.step % self.plan.epoch_steps == 0 or at_end:
             self._flush()  # the mini-epoch's last loss, read before its log and save
             self._end_of_mini_epoch(trainer, pl_module, at_end)
+        if self._stop_at and not at_end:   # after a mini-epoch's save, so that a signal there keeps it
+            raise TrainingStopped(f"stopped by SIGTERM at step {self.step}; rerun the same command and "
+                                  f"{self._where_it_continues()}", signal.SIGTERM)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush()
@@ -340,10 +399,22 @@ class TrainingMonitor(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._finish_wandb(1)
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            ckpt, n = find_resume_checkpoint(self.plan.proj_dir)
-            where = (f"it continues from {ckpt} (step {(n + 1) * self.plan.epoch_steps})" if ckpt is not None and n >= 0
-                     else "nothing was saved in this run yet, so it starts again")
-            _say(f"interrupted at step {self.step}; rerun the same command and {where}")
+            _say(f"interrupted at step {self.step}; rerun the same command and {self._where_it_continues()}")
+
+    def _where_it_continues(self) -> str:
+        ckpt, n = find_resume_checkpoint(self.plan.proj_dir)
+        return (f"it continues from {ckpt} (step {(n + 1) * self.plan.epoch_steps})" if ckpt is not None and n >= 0
+                else "nothing was saved in this run yet, so it starts again")
+
+    # ---- stop signal -------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Only note it. The flag travels with the next step's loss mean, so every rank learns of it
+        at the same step and all stop there (whichever ranks got the signal)."""
+        self._sigterm = True
+
+    def _stop_flag(self, device: torch.device) -> Tensor:
+        # filled on the device (a kernel argument): no host-to-device copy that could wait for the GPU
+        return torch.full((1,), 1.0 if self._sigterm else 0.0, device=device)
 
     # ---- per step ----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -353,6 +424,8 @@ class TrainingMonitor(pl.Callback):
 
     def _track(self, entry: StepLoss) -> None:
         loss = entry.value()
+        if entry.stop_requested() and not self._stop_at:
+            self._stop_at = entry.step
         if not math.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss} at step {entry.step} (mini-epoch {(entry.step - 1) // self.plan.epoch_steps}, "

@@ -254,6 +254,29 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     assert max(abs(c["loss"] - b["loss"]) for b, c in zip(rec_b.rows[1:], rec_c.rows[1:])) > 1e-3
 
 
+def test_sigterm_stops_with_exit_status_143_and_says_where_it_continues(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's cancel, `timeout`, `kill`) ends an unfinished run: a failure status
+    (128 + 15, as the signal itself would give) so that a script does not go on to the next stage,
+    and a line that says which checkpoint a rerun continues from."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=2)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (proj / "rwkv-1.pth").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = max(int(p.stem.split("-")[1]) for p in proj.glob("rwkv-[0-9]*.pth") if ".state" not in p.name)
+    assert f"rerun the same command and it continues from {proj / f'rwkv-{last}.pth'}" in err
+    assert not (proj / "rwkv-final.pth").exists()
+
+
 def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> None:
     """A --load_model start at mini-epoch 1 warms up from its fresh optimizer (warm_step 0 at step 4);
     the state it saves keeps that count, so an exact resume continues the same warmup, not one counted
