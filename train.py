@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -203,6 +204,17 @@ def check_machine(args: argparse.Namespace) -> None:
                                 "pip install triton, or use --compile 0")
     if args.ds_bucket_mb <= 0:
         raise TrainingError(f"--ds_bucket_mb must be > 0, got {args.ds_bucket_mb}")
+
+
+def check_wandb(args: argparse.Namespace) -> None:
+    """--wandb in online mode needs an API key; without one wandb.init would fail only once the model,
+    the strategy and the data are set up."""
+    if not args.wandb or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    import wandb  # only when asked for
+    if not wandb.login(prompt=False, verify=False):   # looks for a key (WANDB_API_KEY, ~/.netrc), no network
+        raise TrainingError(f"--wandb {args.wandb}: wandb has no API key on this machine. Run `wandb login` (or set "
+                            "WANDB_API_KEY), or log offline with WANDB_MODE=offline and upload later with `wandb sync`")
 
 
 def check_data(args: argparse.Namespace) -> int:
@@ -439,6 +451,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     if args.train_stage == 1:
         return write_init(args)
 
+    check_wandb(args)
     samples_per_pass = check_data(args)
     total_steps, exit_tokens = plan_epochs(args, samples_per_pass)
     final = Path(args.proj_dir) / "rwkv-final.pth"

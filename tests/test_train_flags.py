@@ -260,6 +260,22 @@ def test_deepspeed_config_has_no_per_step_host_waits(devices: int, precision: st
         assert not config.bfloat16_config.enabled
 
 
+def test_wandb_online_without_an_api_key(data: tuple[Path, int], proj: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wandb online with no key anywhere: one error before any compute naming the ways out; offline needs none."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))          # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(train, "build_model", lambda *a: (_ for _ in ()).throw(RuntimeError("reached")))
+    prefix, n = data
+    rejected(tiny_flags(prefix, n, proj, wandb="mini-rwkv"),
+             r"--wandb mini-rwkv: wandb has no API key on this machine. Run `wandb login`.*WANDB_MODE=offline", proj)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(RuntimeError, match="reached"):   # the check passes; training would start
+        train.main(tiny_flags(prefix, n, proj, wandb="mini-rwkv"))
+
+
 def test_slurm_auto_requeue_is_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Under SLURM, Lightning's auto-requeue would catch SIGUSR1, write its own hpc_ckpt_N.ckpt into
     proj_dir and load it in the requeued job over train.py's resume: train.py turns it off."""
