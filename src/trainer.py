@@ -53,6 +53,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -169,10 +170,13 @@ def state_path(weights: Path) -> Path:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then os.replace: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """torch.save to a temporary name in the same folder, then os.replace: never a half-written file.
+    The temporary name is unique (not the process id, which the first process of every node of a
+    containerised multi-node job may share), so concurrent writers of one file never mix their bytes."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

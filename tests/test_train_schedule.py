@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,6 +66,26 @@ def test_save_atomic_never_leaves_a_partial_file(tmp_path: Path) -> None:
         save_atomic({"a": lambda: 0}, path)           # cannot be pickled: fails half way
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rwkv-3.pth"]
+
+
+def test_save_atomic_writers_of_one_file_do_not_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes with the same pid (the first process of each node in identical containers) saving
+    the same checkpoint at once: simulated by a second save starting inside the first one's torch.save."""
+    path = tmp_path / "rwkv-final.pth"
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    real_save = torch.save
+    inner_done = []
+
+    def save_with_a_second_writer(obj, f, *a, **k):
+        if not inner_done:
+            inner_done.append(True)
+            save_atomic({"w": torch.full((4,), 2.0)}, path)   # the other node, same pid, same file
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_with_a_second_writer)
+    save_atomic({"w": torch.full((4,), 1.0)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.full((4,), 1.0))   # whole, the last one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rwkv-final.pth"]
 
 
 def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
