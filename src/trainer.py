@@ -331,6 +331,12 @@ class TrainingMonitor(pl.Callback):
             # group, SLURM's scancel) the collectives no longer match and every rank hangs; when it
             # works, it ends fit with SystemExit(0), exit status 0 for an unfinished run.
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            # With that handler gone, Lightning's SIGTERM poll at every step (world size > 1: a
+            # broadcast and an .item(), so the CPU waits for the GPU at each step) only costs time.
+            # A private method of its loop: if a Lightning version renames it, this line does nothing.
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = lambda *args, **kwargs: None
         self._check_ranks_agree(trainer, pl_module)
         if self.resume is not None:
             self._restore_optimizer(trainer)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 
 import train
 from tests.test_train_run import CTX, MICRO_BSZ, MODEL, largest_magic_prime, tiny_flags, write_progressions
@@ -29,17 +30,27 @@ EPOCH_STEPS, EPOCH_COUNT = 4, 3
 
 
 class RankRecorder(pl.Callback):
-    """Writes RECORD_DIR/rank<R>.json: every batch's x and loss, the world size and a weight checksum."""
+    """Writes RECORD_DIR/rank<R>.json: every batch's x and loss, the world size, a weight checksum and
+    how many broadcasts the training steps made (Lightning polls for SIGTERM with one per step)."""
 
     def __init__(self, out: Path):
-        self.out, self.rows = out, []
+        self.out, self.rows, self.broadcasts = out, [], 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        real = torch.distributed.broadcast
+
+        def counted(*args, **kwargs):
+            self.broadcasts += 1
+            return real(*args, **kwargs)
+
+        torch.distributed.broadcast = counted   # this program's own process, ended by the test
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rows.append({"x": batch[0].tolist(), "loss": float(outputs["loss"])})
 
     def on_train_end(self, trainer, pl_module) -> None:
         record = {"rank": trainer.global_rank, "world": trainer.world_size, "rows": self.rows,
-                  "head_sum": float(pl_module.head.weight.double().sum())}
+                  "head_sum": float(pl_module.head.weight.double().sum()), "broadcasts": self.broadcasts}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
     def on_exception(self, trainer, pl_module, exception) -> None:   # a stopped run: what it trained
@@ -75,6 +86,7 @@ def test_two_process_ddp_ranks_see_disjoint_samples_and_stop_together(tmp_path: 
     assert [(d["rank"], d["world"]) for d in ranks] == [(0, 2), (1, 2)]
     steps = EPOCH_STEPS * EPOCH_COUNT
     assert [len(d["rows"]) for d in ranks] == [steps, steps]             # both stopped at the same step
+    assert [d["broadcasts"] for d in ranks] == [0, 0]   # no per-step SIGTERM poll (a host sync on GPUs)
     tokens = np.fromfile(f"{data}.bin", dtype=np.uint16)
     starts: list[list[int]] = [[], []]
     for d in ranks:
