@@ -27,6 +27,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -413,7 +414,17 @@ class TrainData(pl.LightningDataModule):
         # exactly the run's samples, so that the progress bar's total is its steps.
         ds = Subset(ds, range(self.n_steps * a.micro_bsz))
         return DataLoader(ds, batch_size=a.micro_bsz, shuffle=False, drop_last=True, pin_memory=gpu,
-                          num_workers=1 if gpu else 0, persistent_workers=gpu)
+                          num_workers=1 if gpu else 0, persistent_workers=gpu,
+                          worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. A scheduler's cancel, `timeout` and `kill -- -PGID` signal the whole
+    process group: torch's worker handler would end the worker, and the rank's SIGCHLD handler would then
+    raise "DataLoader worker ... is killed by signal: Terminated" at an arbitrary point of a step (exit 1,
+    other ranks left in a collective) instead of TrainingMonitor's stop at the same step on every rank.
+    The worker still ends with its rank (it watches its parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
