@@ -338,6 +338,13 @@ class TrainingMonitor(pl.Callback):
             # group, SLURM's scancel) the collectives no longer match and every rank hangs; when it
             # works, it ends fit with SystemExit(0), exit status 0 for an unfinished run.
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            # A SIGTERM that came since fit installed Lightning's handler (while the data was set up) is
+            # ours to act on: left in Lightning's flag, it would end fit with SIGTERMException, a
+            # SystemExit(0), after the first step (exit status 0, nothing said).
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and connector.received_sigterm:
+                self._sigterm = True
+                connector.received_sigterm = False
         self._check_ranks_agree(trainer, pl_module)
         if self.resume is not None:
             self._restore_optimizer(trainer)

@@ -315,6 +315,33 @@ def test_sigterm_to_the_process_group_with_a_dataloader_worker(tmp_path: Path) -
     assert "stopped by SIGTERM at step" in said and "killed by signal" not in said
 
 
+# train.py receiving SIGTERM while Lightning sets up the data: after fit installed Lightning's handler,
+# before TrainingMonitor.on_train_start installs its own
+TERM_IN_SETUP = """
+import os, signal, sys
+import train
+setup = train.TrainData.train_dataloader
+def term_then_setup(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return setup(self)
+train.TrainData.train_dataloader = term_then_setup
+sys.exit(train.cli(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_fit_sets_up_still_exits_143(tmp_path: Path) -> None:
+    """A SIGTERM caught by Lightning's handler just before training starts must not end the run with
+    Lightning's SystemExit(0) after its first step: the same stop with 143 as one during training."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=2)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    r = subprocess.run([sys.executable, "-c", TERM_IN_SETUP, *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + signal.SIGTERM, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stopped by SIGTERM at step" in r.stderr and "nothing was saved in this run yet" in r.stderr
+
+
 def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> None:
     """A --load_model start at mini-epoch 1 warms up from its fresh optimizer (warm_step 0 at step 4);
     the state it saves keeps that count, so an exact resume continues the same warmup, not one counted
