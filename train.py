@@ -36,7 +36,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Subset
@@ -434,7 +434,9 @@ def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[
     # Under SLURM, Lightning's auto-requeue would on SIGUSR1 write its own hpc_ckpt_N.ckpt into proj_dir
     # and, in the requeued job, load it over this repo's resume (rwkv-N.pth and its state): two resumes
     # that disagree. Off: a job started again with the same command continues from the newest rwkv-N.pth.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    # Only where Lightning would pick SLURM itself: torchrun inside a SLURM job (TorchElastic) comes first there.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     return pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                       precision=PRECISIONS[args.precision], strategy=build_strategy(args),
                       max_epochs=1, max_steps=max_steps, use_distributed_sampler=False,
