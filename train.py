@@ -27,6 +27,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -35,7 +36,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Subset
@@ -413,7 +414,17 @@ class TrainData(pl.LightningDataModule):
         # exactly the run's samples, so that the progress bar's total is its steps.
         ds = Subset(ds, range(self.n_steps * a.micro_bsz))
         return DataLoader(ds, batch_size=a.micro_bsz, shuffle=False, drop_last=True, pin_memory=gpu,
-                          num_workers=1 if gpu else 0, persistent_workers=gpu)
+                          num_workers=1 if gpu else 0, persistent_workers=gpu,
+                          worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. A scheduler's cancel, `timeout` and `kill -- -PGID` signal the whole
+    process group: torch's worker handler would end the worker, and the rank's SIGCHLD handler would then
+    raise "DataLoader worker ... is killed by signal: Terminated" at an arbitrary point of a step (exit 1,
+    other ranks left in a collective) instead of TrainingMonitor's stop at the same step on every rank.
+    The worker still ends with its rank (it watches its parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
@@ -423,7 +434,9 @@ def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[
     # Under SLURM, Lightning's auto-requeue would on SIGUSR1 write its own hpc_ckpt_N.ckpt into proj_dir
     # and, in the requeued job, load it over this repo's resume (rwkv-N.pth and its state): two resumes
     # that disagree. Off: a job started again with the same command continues from the newest rwkv-N.pth.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    # Only where Lightning would pick SLURM itself: torchrun inside a SLURM job (TorchElastic) comes first there.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     return pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                       precision=PRECISIONS[args.precision], strategy=build_strategy(args),
                       max_epochs=1, max_steps=max_steps, use_distributed_sampler=False,

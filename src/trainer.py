@@ -50,10 +50,10 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -172,9 +172,16 @@ def state_path(weights: Path) -> Path:
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary name in the same folder, then os.replace: never a half-written file.
     The temporary name is unique (not the process id, which the first process of every node of a
-    containerised multi-node job may share), so concurrent writers of one file never mix their bytes."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
+    containerised multi-node job may share), so concurrent writers of one file never mix their bytes.
+    Created with mode 0o666 less the umask, as open() would: not tempfile.mkstemp, whose 0o600 would
+    make every checkpoint readable by its owner only."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -331,6 +338,13 @@ class TrainingMonitor(pl.Callback):
             # group, SLURM's scancel) the collectives no longer match and every rank hangs; when it
             # works, it ends fit with SystemExit(0), exit status 0 for an unfinished run.
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            # A SIGTERM that came since fit installed Lightning's handler (while the data was set up) is
+            # ours to act on: left in Lightning's flag, it would end fit with SIGTERMException, a
+            # SystemExit(0), after the first step (exit status 0, nothing said).
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and connector.received_sigterm:
+                self._sigterm = True
+                connector.received_sigterm = False
             # With that handler gone, Lightning's SIGTERM poll at every step (world size > 1: a
             # broadcast and an .item(), so the CPU waits for the GPU at each step) only costs time.
             # A private method of its loop: if a Lightning version renames it, this line does nothing.

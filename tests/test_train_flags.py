@@ -296,6 +296,27 @@ def test_slurm_auto_requeue_is_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         inside._signal_connector.teardown()
 
 
+def test_torchrun_inside_a_slurm_job_keeps_its_ranks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torchrun in a SLURM allocation: Lightning takes ranks from TorchElastic (it comes first), not from
+    SLURM_PROCID, which is the same for every process torchrun starts on a node; turning SLURM's
+    auto-requeue off must not force SLURM's ranks on them."""
+    for k, v in dict(SLURM_NTASKS="2", SLURM_JOB_NAME="pretrain", SLURM_JOB_ID="42", SLURM_NODEID="0",
+                     SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODELIST="node1", TORCHELASTIC_RUN_ID="run",
+                     WORLD_SIZE="4", RANK="3", LOCAL_RANK="1", GROUP_RANK="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    # building the trainer sets the process-wide rank (3 here): put it back afterwards
+    from lightning_fabric.utilities import rank_zero as fabric_rank_zero
+    from pytorch_lightning.utilities import rank_zero as pl_rank_zero
+    for module in (fabric_rank_zero, pl_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", module.rank_zero_only.rank)
+    args = train.parse_args(["--accelerator", "cpu", "--precision", "fp32", "--devices", "2", "--num_nodes", "2",
+                             "--strategy", "ddp", "--proj_dir", str(tmp_path)])
+    env = train.build_trainer(args, 1, [])._accelerator_connector.cluster_environment
+    assert not isinstance(env, SLURMEnvironment)
+    assert (env.global_rank(), env.world_size()) == (3, 4)
+
+
 def test_mini_epoch_counts_every_process_of_every_node(data: tuple[Path, int], proj: Path) -> None:
     """real_bsz = num_nodes x devices x micro_bsz; a mini-epoch is 40320 samples of that (SPEC)."""
     prefix, n = data

@@ -277,6 +277,71 @@ def test_sigterm_stops_with_exit_status_143_and_says_where_it_continues(tmp_path
     assert not (proj / "rwkv-final.pth").exists()
 
 
+# train.py with the GPU's DataLoader worker (num_workers=1, persistent) on the CPU
+WITH_A_WORKER = """
+import sys
+import train
+from torch.utils.data import DataLoader
+class WithAWorker(DataLoader):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **{**k, "num_workers": 1, "persistent_workers": True})
+train.DataLoader = WithAWorker
+sys.exit(train.cli(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_the_process_group_with_a_dataloader_worker(tmp_path: Path) -> None:
+    """SIGTERM to the whole process group (scancel, `timeout`, kill -- -PGID) reaches the DataLoader
+    worker too (GPU runs have one): the worker must not die of it, or its rank raises "DataLoader
+    worker ... is killed by signal: Terminated" mid-step (exit 1) instead of stopping with 143."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=2)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", WITH_A_WORKER, *tiny_flags(data, n, proj, epoch_count=10)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not (proj / "rwkv-1.pth").exists() and proc.poll() is None:
+                time.sleep(0.005)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    said = (tmp_path / "out.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
+    assert "stopped by SIGTERM at step" in said and "killed by signal" not in said
+
+
+# train.py receiving SIGTERM while Lightning sets up the data: after fit installed Lightning's handler,
+# before TrainingMonitor.on_train_start installs its own
+TERM_IN_SETUP = """
+import os, signal, sys
+import train
+setup = train.TrainData.train_dataloader
+def term_then_setup(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return setup(self)
+train.TrainData.train_dataloader = term_then_setup
+sys.exit(train.cli(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_fit_sets_up_still_exits_143(tmp_path: Path) -> None:
+    """A SIGTERM caught by Lightning's handler just before training starts must not end the run with
+    Lightning's SystemExit(0) after its first step: the same stop with 143 as one during training."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=2)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
+                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+    r = subprocess.run([sys.executable, "-c", TERM_IN_SETUP, *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + signal.SIGTERM, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stopped by SIGTERM at step" in r.stderr and "nothing was saved in this run yet" in r.stderr
+
+
 def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> None:
     """A --load_model start at mini-epoch 1 warms up from its fresh optimizer (warm_step 0 at step 4);
     the state it saves keeps that count, so an exact resume continues the same warmup, not one counted

@@ -88,6 +88,17 @@ def test_save_atomic_writers_of_one_file_do_not_mix(tmp_path: Path, monkeypatch:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rwkv-final.pth"]
 
 
+def test_save_atomic_gives_checkpoints_the_usual_permissions(tmp_path: Path) -> None:
+    """Mode 0o666 less the umask, as a plain open() gives (readable by the group on a shared project
+    folder), not tempfile.mkstemp's owner-only 0o600."""
+    old = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.zeros(2)}, tmp_path / "rwkv-0.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "rwkv-0.pth").stat().st_mode & 0o777 == 0o644
+
+
 def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
     plan = RunPlan(proj_dir=tmp_path, ctx_len=32, real_bsz=4, world_size=1, epoch_steps=5, start_step=10, total_steps=50,
                    epoch_save=1)

@@ -72,6 +72,16 @@ def test_chunked_backward_passes_gradcheck(T: int, with_state: bool) -> None:
     assert torch.autograd.gradcheck(fn, (*ins, s0) if with_state else tuple(ins))
 
 
+def test_chunked_second_derivative_fails_instead_of_being_wrong() -> None:
+    """The hand-written backward is not itself differentiable (its saved tensors carry no graph):
+    create_graph=True through it must raise, not return a Hessian that misses the decay terms."""
+    r, w, k, v, a, b = [t.requires_grad_() for t in random_inputs(1, 8, 1, 4, seed=1)]
+    y, _ = wkv7_chunked(r, w, k, v, a, b, chunk_len=4)
+    (gw,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        gw.sum().backward()
+
+
 def test_reference_is_the_spec_recurrence() -> None:
     """Elementwise SPEC formula, written out with explicit loops on a tiny case."""
     r, w, k, v, a, b = (t[0, :, 0] for t in random_inputs(1, 4, 1, 3, seed=2))  # (T,N)

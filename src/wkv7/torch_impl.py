@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK_LEN = 32
 
@@ -144,6 +145,7 @@ class _ChunkedWKV7(torch.autograd.Function):
         return y_out, s_next.view(B, H, N, N)
 
     @staticmethod
+    @once_differentiable   # its saved tensors carry no graph: a second derivative must fail, not come out wrong
     def backward(ctx, dy: Tensor, ds: Tensor) -> tuple[Tensor | None, ...]:
         logd, g_all, A, R, Bh, Kh, Be, Ke, V, Mk, Qb, Qk, inv, P, W0, U, S = ctx.saved_tensors
         B, T, H, N = dy.shape
