@@ -29,3 +29,18 @@ def test_non_string_cells_and_wide_header():
 def test_bad_layout_is_refused(rows, align, match):
     with pytest.raises(AssertionError, match=match):
         markdown_table(["a", "b"], rows, align)
+
+
+def test_gpu_check_runs_every_gpu_test_file():
+    """benchmarks/gpu_check.sh names the GPU test files one by one (kernel tests first): a new file
+    with GPU tests must be added there, or the GPU session would never run it."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "benchmarks" / "gpu_check.sh").read_text()
+    listed = re.search(r'PYTEST_ARGS="\$\{PYTEST_ARGS:--m gpu ([^}]*) -q\}"', script).group(1).split()
+    uses_gpu_mark = re.compile(r"^(@pytest\.mark\.gpu\b|pytestmark = .*pytest\.mark\.gpu\b)", re.M)
+    marked = sorted(f"tests/{p.name}" for p in (repo / "tests").glob("test_*.py") if uses_gpu_mark.search(p.read_text()))
+    assert sorted(listed) == marked
+    assert listed[0] == "tests/test_wkv7_kernel.py"
