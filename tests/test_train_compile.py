@@ -14,7 +14,7 @@ import torch
 import train
 from src.model import RWKV, ModelConfig
 from src.trainer import TrainingError
-from tests.test_train_run import MODEL, Recorder, one_thread, tiny_flags, write_progressions  # noqa: F401
+from tests.test_train_run import MODEL, Recorder, as_flags, one_thread, tiny_flags, write_progressions  # noqa: F401
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="torch.compile on CPU needs a C++ compiler")
@@ -25,7 +25,7 @@ def test_compiled_model_trains_like_eager(tmp_path: Path) -> None:
     n = write_progressions(data, seed=5)
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "4",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     runs = {}
     for compile_flag in (0, 1):
         rec = Recorder()

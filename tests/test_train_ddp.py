@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 
 import train
-from tests.test_train_run import CTX, MICRO_BSZ, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import (CTX, MICRO_BSZ, MODEL, as_flags, largest_magic_prime, tiny_flags,
+                                  write_progressions)
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 from src.trainer import read_train_log
 
@@ -75,7 +76,7 @@ def test_two_process_ddp_ranks_see_disjoint_samples_and_stop_together(tmp_path: 
     n = write_progressions(data, seed=11)
     p = largest_magic_prime(n, CTX)
     assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     flags = tiny_flags(data, n, proj, devices=2, strategy="ddp", epoch_steps=EPOCH_STEPS, epoch_count=EPOCH_COUNT)
     r = subprocess.run([sys.executable, "-m", "tests.test_train_ddp", str(rec), *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=600,
@@ -121,7 +122,7 @@ def test_sigterm_stops_both_ranks_together_and_the_rerun_resumes_exactly(tmp_pat
     n = write_progressions(data, seed=12)
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     epochs = 10
 
     def command(proj: Path, rec: Path) -> list[str]:
@@ -203,7 +204,7 @@ def test_two_nodes_need_the_same_start_and_stop_at_once_when_they_differ(tmp_pat
     n = write_progressions(data, seed=13)
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     port = 20000 + (os.getpid() + 2) % 20000
 
     def flags(proj: Path) -> list[str]:

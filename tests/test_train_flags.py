@@ -13,7 +13,8 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 
 import train
 from src.trainer import TrainingError
-from tests.test_train_run import CTX, MICRO_BSZ, MODEL, largest_magic_prime, tiny_flags, write_progressions
+from tests.test_train_run import (CTX, MICRO_BSZ, MODEL, as_flags, largest_magic_prime, tiny_flags,
+                                  write_progressions)
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -27,7 +28,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 def proj(tmp_path: Path) -> Path:
     """A proj_dir holding a stage-1 init of the tiny model."""
     assert train.main(["--train_stage", "1", "--proj_dir", str(tmp_path), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     return tmp_path
 
 
@@ -343,7 +344,7 @@ def test_where_a_run_starts(tmp_path: Path) -> None:
 
     def start(**over: object) -> tuple[Path, int, bool]:
         flags = {"proj_dir": proj, "epoch_begin": 2, **over}
-        return train.find_start(train.parse_args([s for k, v in flags.items() for s in (f"--{k}", str(v))]))
+        return train.find_start(train.parse_args(as_flags(flags)))
 
     assert start() == (proj / "rwkv-init.pth", 2, False)
     assert start(load_model=other) == (other, 2, False)          # an SFT proj_dir may hold a stage-1 init

@@ -13,7 +13,7 @@ import torch
 
 from src.model import RWKV, ModelConfig
 from src.trainer import read_train_log
-from tests.test_train_run import CTX, largest_magic_prime, run_and_kill, run_cli, write_progressions
+from tests.test_train_run import CTX, as_flags, largest_magic_prime, run_and_kill, run_cli, write_progressions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
@@ -27,7 +27,7 @@ def gpu_flags(data: Path, n: int, proj: Path, **over: object) -> list[str]:
         magic_prime=largest_magic_prime(n, CTX), lr_init=3e-3, lr_final=3e-4, warmup_steps=3, precision="bf16",
         accelerator="gpu", strategy="deepspeed_stage_2", ds_bucket_mb=2, enable_progress_bar="False", **GPU_MODEL)
     flags.update(over)
-    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+    return as_flags(flags)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def zero2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, Path, li
     data, full = tmp / "prog", tmp / "full"
     n = write_progressions(data, n_docs=600, seed=21)
     r = run_cli(["--train_stage", "1", "--proj_dir", str(full), "--precision", "bf16",
-                 *[s for k, v in GPU_MODEL.items() for s in (f"--{k}", str(v))]])
+                 *as_flags(GPU_MODEL)])
     assert r.returncode == 0, r.stderr
     r = run_cli(gpu_flags(data, n, full))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

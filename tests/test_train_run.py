@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,11 @@ def largest_magic_prime(n_tokens: int, ctx_len: int) -> int:
     return p
 
 
+def as_flags(values: Mapping[str, object]) -> list[str]:
+    """{"n_layer": 2, ...} -> ["--n_layer", "2", ...]: train.py's command line."""
+    return [s for k, v in values.items() for s in (f"--{k}", str(v))]
+
+
 def tiny_flags(data: Path, n_tokens: int, proj: Path, **over: object) -> list[str]:
     flags: dict[str, object] = dict(
         proj_dir=proj, data_file=data, ctx_len=CTX, micro_bsz=MICRO_BSZ, epoch_steps=4, epoch_count=4,
@@ -76,7 +82,7 @@ def tiny_flags(data: Path, n_tokens: int, proj: Path, **over: object) -> list[st
         warmup_steps=3, precision="fp32", accelerator="cpu", strategy="auto", enable_progress_bar="False",
         **MODEL)
     flags.update(over)
-    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+    return as_flags(flags)
 
 
 class Recorder(pl.Callback):
@@ -138,7 +144,7 @@ def test_training_learns_and_writes_its_files(tmp_path: Path) -> None:
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=1)
     r = run_cli(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                 *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+                 *as_flags(MODEL)])
     assert r.returncode == 0, r.stderr
     r = run_cli(tiny_flags(data, n, proj, epoch_steps=5, epoch_count=6, epoch_save=3, wandb="rwkv-test"),
                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
@@ -202,7 +208,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     n = write_progressions(data, seed=2)
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     flags = dict(load_model=init / "rwkv-init.pth", epoch_count=10)  # B must still run when killed
 
     # A: uninterrupted, in this process
@@ -261,7 +267,7 @@ def test_sigterm_stops_with_exit_status_143_and_says_where_it_continues(tmp_path
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=2)
     assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -297,7 +303,7 @@ def test_sigterm_to_the_process_group_with_a_dataloader_worker(tmp_path: Path) -
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=2)
     assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", WITH_A_WORKER, *tiny_flags(data, n, proj, epoch_count=10)],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -335,7 +341,7 @@ def test_sigterm_while_fit_sets_up_still_exits_143(tmp_path: Path) -> None:
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=2)
     assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     r = subprocess.run([sys.executable, "-c", TERM_IN_SETUP, *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 128 + signal.SIGTERM, r.stdout[-3000:] + r.stderr[-3000:]
@@ -350,7 +356,7 @@ def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> Non
     n = write_progressions(data, seed=6)
     init = tmp_path / "init"
     assert train.main(["--train_stage", "1", "--proj_dir", str(init), "--precision", "fp32", "--random_seed", "3",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     proj = tmp_path / "proj"
     flags = dict(load_model=init / "rwkv-init.pth", epoch_begin=1, warmup_steps=20)
     rec = Recorder()
@@ -389,7 +395,7 @@ def test_nan_loss_stops_with_the_step_and_saves_nothing_after_it(tmp_path: Path,
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=4)
     train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+                *as_flags(MODEL)])
     with pytest.raises(TrainingError, match=rf"loss is nan at step {poison_at + 1} \(mini-epoch 2,.*nothing was saved after it"):
         train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(poison_at, "head.weight")])
     assert {p.name for p in proj.glob("rwkv-[0-9]*")} == {"rwkv-0.pth", "rwkv-1.pth", "rwkv-1.state.pth"}
@@ -401,7 +407,7 @@ def test_nan_weights_with_finite_loss_are_not_saved(tmp_path: Path) -> None:
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, seed=5)
     train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+                *as_flags(MODEL)])
     with pytest.raises(TrainingError, match=r"weights hold NaN/inf after step 2; rwkv-0.pth was not written"):
         train.main(tiny_flags(data, n, proj, epoch_steps=2), callbacks=[PoisonWeights(1, "blocks.0.att.v0")])
     assert not list(proj.glob("rwkv-[0-9]*"))
@@ -424,7 +430,7 @@ def test_run_ending_inside_a_mini_epoch_loads_exactly_its_steps(tmp_path: Path) 
     data, proj = tmp_path / "prog", tmp_path / "proj"
     n = write_progressions(data, n_docs=120, seed=9)
     train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+                *as_flags(MODEL)])
     steps = math.ceil(n / (MICRO_BSZ * CTX))
     assert steps % 4, "the data should end inside a 4-step mini-epoch"
     count = BatchCount()
@@ -449,7 +455,7 @@ def test_progress_bar_shows_the_monitors_numbers(tmp_path: Path, capsys: pytest.
 
     proj = tmp_path / "proj"
     assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32",
-                       *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]]) == 0
+                       *as_flags(MODEL)]) == 0
     rec = Recorder()
     flags = tiny_flags(data, n, proj, epoch_count=2, enable_progress_bar="True")
     assert train.main(flags, callbacks=[rec, Peek()]) == 0
@@ -468,7 +474,7 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision: str) -> None:
     value whenever the backward's norm was larger (fused AdamW, which Lightning's bf16 plugin will not clip)."""
     args = train.parse_args(["--accelerator", "cpu", "--precision", precision, "--grad_clip", "0.05",
                              "--micro_bsz", "2", "--ctx_len", str(CTX), "--proj_dir", "unused",
-                             "--enable_progress_bar", "False", *[s for k, v in MODEL.items() for s in (f"--{k}", str(v))]])
+                             "--enable_progress_bar", "False", *as_flags(MODEL)])
     model = train.build_model(args)
     norms: dict[str, list[float]] = {"backward": [], "step": []}
 
