@@ -29,6 +29,8 @@ Files written into proj_dir (rank 0 writes; every file via a temporary name and 
 - train_log.txt    a header per run ("#" lines: date, resume source, every argument), then one line
                    per mini-epoch: `epoch E loss L ppl P lr LR time ISO elapsed S steps N tokens T ...`;
 - train_log.svg    the loss curve of train_log.txt, redrawn after each mini-epoch (`plot_train_log`).
+A save killed before its rename leaves a `.rwkv-*.pth.<hex>.tmp` file, never read; the next run's
+start deletes those (`remove_stale_temporaries`).
 
 Bad numbers: the loss (averaged over ranks) is checked at every step; NaN/inf stops training with a
 TrainingError naming the step (no file is written after it), and before every save the weights are
@@ -190,6 +192,24 @@ def save_atomic(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_SAVE_TEMPORARY = re.compile(r"\.rwkv-[\w.-]+\.pth\.[0-9a-f]{16}\.tmp")
+
+
+def remove_stale_temporaries(proj_dir: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files that saves killed before their rename left in proj_dir (save_atomic's
+    names only): each is as large as the checkpoint it was becoming, and nothing ever reads one. A file
+    written to in the last min_age_s may be a save in progress (another run in the same folder) and stays."""
+    if not proj_dir.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for p in proj_dir.iterdir():
+        if _SAVE_TEMPORARY.fullmatch(p.name) and p.is_file() and now - p.stat().st_mtime >= min_age_s:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -356,6 +376,10 @@ class TrainingMonitor(pl.Callback):
             self._restore_optimizer(trainer)
         if trainer.is_global_zero:
             self.plan.proj_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temporaries(self.plan.proj_dir)
+            if stale:
+                _say(f"removed {len(stale)} temporary file(s) of interrupted saves from {self.plan.proj_dir}: "
+                     + ", ".join(p.name for p in stale))
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write("".join(f"# {line}\n" for line in self.header))
             if self.wandb_project:

@@ -237,6 +237,11 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
         g.update(fused=None, foreach=False)
     torch.save(state, state_file)
 
+    # what a kill during a save leaves (here planted, as the kill's timing is not ours): the rerun removes it
+    stale = proj_b / f".rwkv-{last + 1}.state.pth.0123456789abcdef.tmp"
+    stale.write_bytes(state_file.read_bytes()[:1000])
+    os.utime(stale, (time.time() - 3600,) * 2)
+
     # B': rerun the same command; it resumes from rwkv-<last>.pth with its optimizer state
     rec_b = Recorder()
     assert train.main(tiny_flags(data, n, proj_b, **flags), callbacks=[rec_b]) == 0
@@ -248,6 +253,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
         assert b["loss"] == a["loss"]                              # bit for bit (same threads, same ops)
         assert b["fused"] == a["fused"] == [True] * 3
     assert f"exact resume with optimizer state rwkv-{last}.state.pth" in (proj_b / "train_log.txt").read_text()
+    assert not stale.exists()
 
     # control: the same weights without their optimizer state resume weights-only and drift apart
     proj_c = tmp_path / "c"

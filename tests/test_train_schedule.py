@@ -5,6 +5,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, _remove_older_states, find_resume_checkpoint,
-                         load_resume_state, plot_train_log, read_train_log, save_atomic, state_path)
+                         load_resume_state, plot_train_log, read_train_log, remove_stale_temporaries, save_atomic,
+                         state_path)
 
 
 def schedule(**over: float) -> Schedule:
@@ -97,6 +99,27 @@ def test_save_atomic_gives_checkpoints_the_usual_permissions(tmp_path: Path) -> 
     finally:
         os.umask(old)
     assert (tmp_path / "rwkv-0.pth").stat().st_mode & 0o777 == 0o644
+
+
+def test_temporaries_of_killed_saves_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A save killed before os.replace leaves save_atomic's temporary: found by its name and age only."""
+    stale = [tmp_path / ".rwkv-3.pth.0123456789abcdef.tmp", tmp_path / ".rwkv-3.state.pth.fedcba9876543210.tmp",
+             tmp_path / ".rwkv-final.pth.00000000ffffffff.tmp"]
+    kept = [tmp_path / "rwkv-3.pth", tmp_path / "rwkv-3.state.pth", tmp_path / "train_log.txt",
+            tmp_path / ".rwkv-4.pth.0123456789abcdef.tmp",    # being written right now: too young
+            tmp_path / ".rwkv-3.pth.0123.tmp", tmp_path / "notes.rwkv-3.pth.0123456789abcdef.tmp",
+            tmp_path / ".train_log.svg.tmp123"]
+    old = time.time() - 600
+    for p in stale + kept:
+        p.write_bytes(b"x")
+        if p.name != ".rwkv-4.pth.0123456789abcdef.tmp":
+            os.utime(p, (old, old))
+    (tmp_path / ".rwkv-5.pth.0123456789abcdef.tmp").mkdir()   # a folder is not ours
+    os.utime(tmp_path / ".rwkv-5.pth.0123456789abcdef.tmp", (old, old))
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] +
+                                                                [".rwkv-5.pth.0123456789abcdef.tmp"])
+    assert remove_stale_temporaries(tmp_path / "missing") == []
 
 
 def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
