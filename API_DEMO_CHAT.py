@@ -149,7 +149,10 @@ def build_session(args: argparse.Namespace) -> ChatSession:
         raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:   # torch's text lists every device type it knows: too long to help
+        raise ValueError(f"--device {args.device!r} is not a device name: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA/ROCm device is available here; use --device cpu")
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]

@@ -21,6 +21,11 @@ M_BSZ="${M_BSZ:-16}"
 LR_INIT="${LR_INIT:-6e-4}"
 LR_FINAL="${LR_FINAL:-2e-5}"
 GRAD_CP="${GRAD_CP:-0}"
+WARMUP_STEPS="${WARMUP_STEPS:-10}"
+BETA1="${BETA1:-0.9}"
+BETA2="${BETA2:-0.99}"
+ADAM_EPS="${ADAM_EPS:-1e-18}"
+WEIGHT_DECAY="${WEIGHT_DECAY:-0.001}"
 COMPILE="${COMPILE:-0}"              # 1: torch.compile the time/channel mixes (faster steps; the first one compiles)
 EPOCH_SAVE="${EPOCH_SAVE:-1}"
 EPOCH_STEPS="${EPOCH_STEPS:-0}"      # 0: 40320 samples per mini-epoch (SPEC); set it for small data
@@ -40,8 +45,8 @@ source scripts/machine_defaults.sh
 "$PYTHON" train.py --train_stage 3 --proj_dir "$PROJ_DIR" --load_model "$LOAD_MODEL" --wandb "$WANDB" \
   --my_testing "$MODEL_TYPE" --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" \
   --vocab_size "$VOCAB_SIZE" --ctx_len "$CTX_LEN" --micro_bsz "$M_BSZ" \
-  --lr_init "$LR_INIT" --lr_final "$LR_FINAL" --warmup_steps 10 --beta1 0.9 --beta2 0.99 --adam_eps 1e-18 \
-  --weight_decay 0.001 --grad_cp "$GRAD_CP" --compile "$COMPILE" --epoch_save "$EPOCH_SAVE" --epoch_steps "$EPOCH_STEPS" \
+  --lr_init "$LR_INIT" --lr_final "$LR_FINAL" --warmup_steps "$WARMUP_STEPS" --beta1 "$BETA1" --beta2 "$BETA2" \
+  --adam_eps "$ADAM_EPS" --weight_decay "$WEIGHT_DECAY" --grad_cp "$GRAD_CP" --compile "$COMPILE" --epoch_save "$EPOCH_SAVE" --epoch_steps "$EPOCH_STEPS" \
   --my_exit_tokens "$MY_EXIT_TOKENS" --magic_prime "$MAGIC_PRIME" --data_file "$DATA_FILE" \
   --data_type "$DATA_TYPE" --random_seed "$RANDOM_SEED" --num_nodes "$N_NODE" --devices "$GPU_PER_NODE" \
   --ds_bucket_mb "$DS_BUCKET_MB" --accelerator "$ACCELERATOR" --precision "$PRECISION" \

@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shlex
 import sys
 import time
 from collections import deque
@@ -124,14 +125,17 @@ class EncodedBatch:
     sizes: np.ndarray         # int64 tokens per document
     mask: np.ndarray | None   # uint8 aligned with tokens (SFT files)
     bad: list[tuple[int, str]]  # (line number, why) of the records left out
+    blank: int = 0            # lines of only whitespace (e.g. "\r" in a CRLF file), skipped
 
 
 def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], kind: str) -> EncodedBatch:
     """Parse, render, encode and round-trip-check a batch of lines (blank lines are skipped)."""
     bad: list[tuple[int, str]] = []
     recs: list[tuple[int, list[tuple[str, bool]]]] = []
+    blank = 0
     for line, no in zip(lines, line_numbers):
         if not line.strip():
+            blank += bool(line)  # empty lines are not counted as records in the first place
             continue
         try:
             recs.append((no, parse_record(line, kind)[1]))
@@ -173,7 +177,7 @@ def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], ki
     if kind == "conversations":
         mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
     bad.sort()
-    return EncodedBatch(tokens, np.array(sizes, dtype=np.int64), mask, bad)
+    return EncodedBatch(tokens, np.array(sizes, dtype=np.int64), mask, bad, blank)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -209,8 +213,9 @@ class MakeDataResult:
     magic_prime: int | None
     too_small: str | None  # the message when the data is too small for ctx_len
 
+    # Both lines are shell words (the path quoted where it needs it: spaces, quotes, $), to paste as they are.
     def flags(self) -> str:
-        data_file = _display_path(self.prefix)
+        data_file = shlex.quote(_display_path(self.prefix))
         data_type = "sft" if self.kind == "conversations" else "binidx"
         p = self.magic_prime if self.too_small is None else None
         return (f"MY_EXIT_TOKENS={self.num_tokens} MAGIC_PRIME={p if p is not None else 'NONE'} "
@@ -219,7 +224,7 @@ class MakeDataResult:
     def train_args(self) -> str:
         data_type = "sft" if self.kind == "conversations" else "binidx"
         prime = "" if self.too_small is not None else f" --magic_prime {self.magic_prime}"
-        return (f"--my_exit_tokens {self.num_tokens}{prime} --data_file {_display_path(self.prefix)} "
+        return (f"--my_exit_tokens {self.num_tokens}{prime} --data_file {shlex.quote(_display_path(self.prefix))} "
                 f"--data_type {data_type} --ctx_len {self.ctx_len}")
 
 
@@ -300,7 +305,7 @@ def _ordered_bounded(pool, jobs: Iterator[tuple], in_flight: int) -> Iterator[En
 def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Path | None = None,
               out: str | Path | None = None, seed: int = 0, skip_bad: bool = False, workers: int = 1,
               batch_size: int = 512, progress: bool = True) -> MakeDataResult:
-    """Convert a MiniMind jsonl file to binidx; see the module docstring. workers <= 1 runs in-process."""
+    """Convert a MiniMind jsonl file to binidx; see the module docstring. workers == 1 runs in-process."""
     path = Path(jsonl)
     if not path.is_file():
         raise MakeDataError(f"{path}: no such file")
@@ -308,6 +313,10 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
         raise MakeDataError(f"N_EPOCH must be >= 1, got {n_epoch}")
     if ctx_len < 1:
         raise MakeDataError(f"CTX_LEN must be >= 1, got {ctx_len}")
+    if workers < 1:
+        raise MakeDataError(f"--workers must be >= 1 (1 = encode in this process), got {workers}")
+    if batch_size < 1:
+        raise MakeDataError(f"--batch-size must be >= 1 (lines per encoding batch), got {batch_size}")
     prefix = Path(out) if out is not None else default_out(path)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.get_vocab_size())
@@ -340,7 +349,7 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
                 if len(b.sizes):
                     builder.add_documents(b.tokens, b.sizes, b.mask)
                 n_docs += len(b.sizes)
-                done += len(b.sizes) + len(b.bad)
+                done += len(b.sizes) + len(b.bad) + b.blank
                 bar.update(done, builder.num_tokens)
             if n_docs == 0:
                 raise MakeDataError(f"{path}: every record is bad ({len(bad_lines)} skipped); nothing to write")

@@ -1,19 +1,20 @@
 """Score a checkpoint on the bundled sample's held-out prompts (greedy replies, exact match).
 
-    python -m scripts.eval_sample --model out/quickstart/sft/rwkv-final.pth [--system ""]
+    python -m scripts.eval_sample --model out/quickstart/sft-run/rwkv-final.pth [--system ""]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from src.evaluate import DEFAULT_EVAL_PATH, evaluate
-from src.rnn import RWKV_RNN
+from src.rnn import CheckpointError, RWKV_RNN
 from src.tokenizer import DEFAULT_SYSTEM, IM_END_ID, chat_prompt, load_tokenizer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="rwkv-*.pth checkpoint")
     p.add_argument("--tokenizer", default=None, help="default: the repo's data/tokenizer/")
@@ -21,11 +22,17 @@ def main() -> None:
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system turn as in SFT ('' for none)")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--label", default="model", help="name printed with the score")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error(f"--max_tokens {args.max_tokens}: must be >= 1 (a reply of 0 tokens scores 0%)")
 
     torch.set_num_threads(1)  # decode is latency-bound; one thread avoids oversubscription on small CPUs
-    tok = load_tokenizer(args.tokenizer)
-    model = RWKV_RNN(args.model)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        model = RWKV_RNN(args.model)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"[eval] error: {e}", file=sys.stderr)
+        return 2
 
     def answer(prompt: str) -> str:
         logits, state = model.forward(tok.encode(chat_prompt(prompt, system=args.system or None)).ids)
@@ -39,9 +46,14 @@ def main() -> None:
             logits, state = model.forward([nxt], state)
         return tok.decode(out)
 
-    result = evaluate(answer, args.eval)
+    try:
+        result = evaluate(answer, args.eval)
+    except (ValueError, FileNotFoundError) as e:   # a missing or malformed --eval file, named with its line
+        print(f"[eval] error: {e}", file=sys.stderr)
+        return 2
     print(f"[eval] {args.label}: {result.summary()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

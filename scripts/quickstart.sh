@@ -32,8 +32,10 @@ step() { echo; echo "==== [quickstart] $*"; }
 step "1/6 make_data: tokenize the bundled sample (data/sample/*.jsonl) into binidx"
 "$PY" data/make_data.py data/sample/pretrain.jsonl "$PRETRAIN_EPOCHS" "$CTX_LEN" --out "$OUT_DIR/pretrain" | tee "$OUT_DIR/make_data_pretrain.txt"
 "$PY" data/make_data.py data/sample/sft.jsonl "$SFT_EPOCHS" "$CTX_LEN" --out "$OUT_DIR/sft" | tee "$OUT_DIR/make_data_sft.txt"
-# make_data prints a line "MY_EXIT_TOKENS=... MAGIC_PRIME=... DATA_FILE=... DATA_TYPE=... CTX_LEN=..."
-flags() { grep -m1 '^MY_EXIT_TOKENS=' "$1"; }
+# make_data prints a line "MY_EXIT_TOKENS=... MAGIC_PRIME=... DATA_FILE=... DATA_TYPE=... CTX_LEN=..." of shell
+# words (DATA_FILE quoted where needed): eval makes it an array, so an OUT_DIR with spaces stays one word.
+eval "PRETRAIN_FLAGS=($(grep -m1 '^MY_EXIT_TOKENS=' "$OUT_DIR/make_data_pretrain.txt"))"
+eval "SFT_FLAGS=($(grep -m1 '^MY_EXIT_TOKENS=' "$OUT_DIR/make_data_sft.txt"))"
 
 COMMON=(N_LAYER="$N_LAYER" N_EMBD="$N_EMBD" CTX_LEN="$CTX_LEN" M_BSZ="$M_BSZ" EPOCH_STEPS="$EPOCH_STEPS"
         PYTHON="$PY" RANDOM_SEED=42 CPU_PRECISION="$CPU_PRECISION")
@@ -42,11 +44,11 @@ step "2/6 init: demo-training-prepare.sh (stage 1 writes rwkv-init.pth)"
 env "${COMMON[@]}" PROJ_DIR="$OUT_DIR/pretrain-run" PRECISION=fp32 STRATEGY=auto bash demo-training-prepare.sh
 
 step "3/6 pretrain: demo-training-run.sh"
-env "${COMMON[@]}" $(flags "$OUT_DIR/make_data_pretrain.txt") PROJ_DIR="$OUT_DIR/pretrain-run" \
+env "${COMMON[@]}" "${PRETRAIN_FLAGS[@]}" PROJ_DIR="$OUT_DIR/pretrain-run" \
     LR_INIT="$PRETRAIN_LR" LR_FINAL=1e-4 bash demo-training-run.sh
 
 step "4/6 SFT: demo-training-run-sft.sh (loss on the assistant replies)"
-env "${COMMON[@]}" $(flags "$OUT_DIR/make_data_sft.txt") PRETRAIN_DIR="$OUT_DIR/pretrain-run" \
+env "${COMMON[@]}" "${SFT_FLAGS[@]}" PRETRAIN_DIR="$OUT_DIR/pretrain-run" \
     PROJ_DIR="$OUT_DIR/sft-run" LR_INIT="$SFT_LR" LR_FINAL=1e-4 bash demo-training-run-sft.sh
 
 step "5/6 chat: API_DEMO_CHAT.py --prompt \"$PROMPT\" (greedy)"
@@ -58,6 +60,6 @@ step "6/6 held-out evaluation (data/sample/eval.jsonl)"
 
 echo
 echo "==== [quickstart] next: chat with the model (the venv's python has everything installed)"
-echo "  $PY API_DEMO_CHAT.py --model $OUT_DIR/sft-run/rwkv-final.pth --temperature 0"
+printf '  %q API_DEMO_CHAT.py --model %q --temperature 0\n' "$PY" "$OUT_DIR/sft-run/rwkv-final.pth"
 echo "  it knows the sample's 12 tasks, e.g. 'What is 3 + 1?', 'Uppercase: coin', 'Reverse the order: cat moon tree'"
 echo "  (data/sample/eval.jsonl has more); 'source .venv/bin/activate' puts this python first on PATH"

@@ -232,9 +232,12 @@ class MMapIndexedDatasetBuilder:
         n = len(self._sizes)
         if n == 0:
             raise ValueError(f"{self.prefix}: no documents were added; nothing to write")
-        self._bin.close()
-        if self._mask is not None:
-            self._mask.close()
+        # On disk before the renames: after a crash the final names hold the old files or the whole new ones.
+        for f in (self._bin, self._mask):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         itemsize = self.dtype.itemsize
         with open(self._tmp["idx"], "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, CODES[self.dtype], n, n + 1))
@@ -247,6 +250,8 @@ class MMapIndexedDatasetBuilder:
                 offset += int(sz.sum())
             for s in range(0, n + 1, _CHUNK):
                 f.write(np.arange(s, min(s + _CHUNK, n + 1), dtype="<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
         if "mask" not in self._tmp:  # a mask left by earlier SFT data under this prefix would not match
             mask_file(self.prefix).unlink(missing_ok=True)
         for kind in ("bin", "mask", "idx"):

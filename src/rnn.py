@@ -53,10 +53,19 @@ class CheckpointError(ValueError):
     """The file is missing, unreadable or not an RWKV-7 (x070) state_dict of SPEC's format."""
 
 
+_UNPICKLER_CAUSE = "WeightsUnpickler error:"
+
+
 def load_error(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line` of an error from torch.load. Only the first line: torch's full text of a
-    failed weights_only load suggests weights_only=False and filing an issue."""
-    first = (str(e).strip().splitlines() or [""])[0][:limit]
+    """`Type: cause` of an error from torch.load, one line. A failed weights_only load (a jsonl, a .idx,
+    a pickle of other objects) opens with text that suggests weights_only=False (unsafe for a file from
+    elsewhere) and filing an issue: only the cause torch names after "WeightsUnpickler error:" is kept."""
+    text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        cause = text.split(_UNPICKLER_CAUSE, 1)[1].strip() if _UNPICKLER_CAUSE in text else ""
+        cause = (cause.splitlines() or [""])[0].split(". ")[0][:limit]
+        return f"{type(e).__name__}: not a file of tensors only ({cause or 'unknown content'})"
+    first = (text.splitlines() or [""])[0][:limit]
     return f"{type(e).__name__}: {first}"
 
 
@@ -65,6 +74,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     p = Path(path)
     if not p.is_file() and Path(str(p) + ".pth").is_file():
         p = Path(str(p) + ".pth")
+    if p.is_dir():
+        found = sorted(c.name for c in p.glob("rwkv-*.pth") if not c.name.endswith(".state.pth"))
+        raise CheckpointError(f"{p} is a folder: give the path of one of its checkpoints "
+                              + (f"({', '.join(found[-4:])})" if found else "(it holds no rwkv-*.pth)"))
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found (give the path of an rwkv-*.pth file)")
     try:

@@ -19,6 +19,7 @@ torch.Generator, so a seed gives the same tokens whatever device produced the lo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,10 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0 <= self.penalty_decay <= 1:
             raise ValueError(f"penalty_decay={self.penalty_decay}: must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            # nan or inf would make every penalised logit nan (inf * a decayed count of 0) mid-reply
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)}: must be a finite number (0 = off)")
 
 
 def apply_penalties(logits: Tensor, seen: Tensor, count: Tensor, presence: float,

@@ -696,7 +696,26 @@ def plot_train_log(log_path: Path, svg_path: Path | None = None) -> Path:
     return svg_path
 
 
+def plot_main(argv: list[str]) -> int:
+    """`python -m src.trainer out/L8-D512-x070/train_log.txt ...`: write train_log.svg beside each log."""
+    if not argv:
+        print("usage: python -m src.trainer PROJ_DIR/train_log.txt ... (writes train_log.svg beside each)",
+              file=sys.stderr)
+        return 2
+    for arg in argv:
+        path = Path(arg)
+        if path.is_dir():   # a run's proj_dir: its log
+            path = path / "train_log.txt"
+        if not path.is_file():
+            print(f"error: {path}: no such file (give a run's train_log.txt or its proj_dir)", file=sys.stderr)
+            return 2
+        if not read_train_log(path):
+            print(f"error: {path} has no mini-epoch lines ('epoch N loss ...'): not a train_log.txt, or the "
+                  "run has not finished a mini-epoch yet", file=sys.stderr)
+            return 2
+        print(plot_train_log(path))
+    return 0
+
+
 if __name__ == "__main__":
-    # python -m src.trainer out/L8-D512-x070/train_log.txt  -> writes train_log.svg beside it
-    for arg in sys.argv[1:]:
-        print(plot_train_log(Path(arg)))
+    sys.exit(plot_main(sys.argv[1:]))

@@ -214,6 +214,8 @@ def test_demo_rejects_bad_setups_clearly(tiny, tmp_path, capsys):
     assert rc == 2 and "top_p" in err
     rc, err = main_err("--model", str(path), "--prompt", "hi", "--tokenizer", str(tmp_path))
     assert rc == 2 and "tokenizer file" in err
+    rc, err = main_err("--model", str(path), "--prompt", "hi", "--device", "tpu")
+    assert rc == 2 and "--device 'tpu' is not a device name: use cpu, cuda or cuda:N" in err
     if not torch.cuda.is_available():
         rc, err = main_err("--model", str(path), "--prompt", "hi", "--device", "cuda")
         assert rc == 2 and "--device cpu" in err

@@ -140,3 +140,11 @@ def test_bad_settings_are_rejected():
         Sampler(10, SamplingConfig(banned=(0, 10)))
     with pytest.raises(ValueError, match=r"shape \(10,\)"):
         Sampler(10).sample(torch.zeros(11))
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_penalties_are_rejected(name, value):
+    """--presence_penalty nan used to pass the checks and crash the first reply in torch.multinomial."""
+    with pytest.raises(ValueError, match=f"{name}=.*finite"):
+        Sampler(10, SamplingConfig(**{name: value}))

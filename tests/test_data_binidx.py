@@ -1,8 +1,10 @@
 """MMIDIDX files: exact byte layout, reader checks, atomic writer (src/binidx.py)."""
 from __future__ import annotations
 
+import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,19 @@ def test_damaged_files_fail_with_the_file_named(good, damage, match):
     damage(good)
     with pytest.raises(BinIdxError, match=match):
         MMapIndexedDataset(good)
+
+
+def test_files_reach_the_disk_before_they_get_their_names(tmp_path, monkeypatch):
+    """Temp file + rename is atomic only for data on disk: without fsync a crash soon after the rename can
+    leave .bin/.idx/.mask under the final names with lost content (and the old files gone)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name)),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(a).name)), real_replace(a, b))[1])
+    with MMapIndexedDatasetBuilder(tmp_path / "d", np.uint16, with_mask=True) as b:
+        b.add_document(np.array([5, 6, 0]), np.array([0, 1, 0]))
+    for kind in ("bin", "mask", "idx"):
+        tmp = next(name for what, name in events if what == "replace" and name.endswith(f".{kind}"))
+        assert events.index(("fsync", tmp)) < events.index(("replace", tmp)), events
+    assert MMapIndexedDataset(tmp_path / "d")[0].tolist() == [5, 6, 0]

@@ -231,3 +231,40 @@ def test_a_file_that_is_not_jsonl_is_named_as_such(tmp_path):
     src.write_text(GOOD + "\n# stray\n" + GOOD + "\n")
     with pytest.raises(MakeDataError, match=r"notes\.md:2: not valid JSON .*\(fix the line or pass --skip-bad"):
         make_data(src, 1, 4, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("kw, match", [({"workers": 0}, "--workers must be >= 1"),
+                                       ({"workers": -2}, "--workers must be >= 1"),
+                                       ({"batch_size": 0}, "--batch-size must be >= 1"),
+                                       ({"batch_size": -3}, "--batch-size must be >= 1")])
+def test_bad_workers_and_batch_size_are_named(tmp_path, kw, match):
+    """--batch-size 0 used to fail with range()'s 'arg 3 must not be zero', -3 with 'every record is bad'."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 3)
+    with pytest.raises(MakeDataError, match=match):
+        make_data(src, 1, 2, out=tmp_path / "o", progress=False, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_printed_flags_are_shell_words_for_any_path(tmp_path):
+    """The lines to paste (and the quickstart's eval of them) keep a path with spaces or quotes one word."""
+    out = tmp_path / "my data's dir" / "pre train"
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"record {i}"} for i in range(300)])
+    r = make_data(src, 1, 4, out=out, progress=False)
+    shown = subprocess.run(["bash", "-c", f'{r.flags()} && printf "%s\\n" "$DATA_FILE" "$DATA_TYPE"; '
+                                          f'set -- {r.train_args()} && while [ "$1" != --data_file ]; do shift; done; '
+                                          'printf "%s\\n" "$2"'],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [str(out), "binidx", str(out)]
+
+
+def test_crlf_bom_and_blank_lines(tmp_path, capsys):
+    """A Windows-made file: BOM, CRLF line ends, blank and whitespace lines. The records come through intact
+    and the progress line ends at 100% (whitespace lines were counted in the total, never as done: 3/5, 60%)."""
+    src = tmp_path / "win.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n\r\n{"text": "two\\r\\nlines"}\r\n   \r\n{"text": "three"}\r\n')
+    r = make_data(src, 1, 1, out=tmp_path / "o", progress=True)
+    tok = load_tokenizer()
+    assert sorted(tok.decode(d[:-1]) for d in docs_of(tmp_path / "o")) == ["one", "three", "two\r\nlines"]
+    assert r.records == 3 and r.skipped == 0
+    assert "5/5 records (100.0%)" in capsys.readouterr().err   # every non-empty line is counted

@@ -6,9 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.sample.make_sample import WORDS, main as make_sample
+from scripts.eval_sample import main as eval_main
 from src.evaluate import DEFAULT_EVAL_PATH, EvalItem, evaluate, load_eval, score
+from src.model import RWKV, ModelConfig
 from src.tokenizer import IM_END, IM_START, ROLES
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -119,3 +122,20 @@ def test_evaluate_scores_exact_and_contains(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"task": "a", "prompt": "p"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_eval(tmp_path / "bad.jsonl")
+
+
+def test_eval_sample_command_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    """scripts/eval_sample.py: a wrong --model or --eval is one '[eval] error:' line and exit status 2
+    (they were tracebacks), and --max_tokens 0 (every reply empty, 0%) is refused."""
+    assert eval_main(["--model", str(tmp_path / "missing.pth")]) == 2
+    assert "[eval] error: checkpoint" in capsys.readouterr().err
+    torch.save(RWKV(ModelConfig(vocab_size=6400, n_layer=1, n_embd=32, head_size=16)).state_dict(), tmp_path / "m.pth")
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"task": "t", "prompt": "p", "answer": "a"}\n{"prompt": "no task"}\n')
+    assert eval_main(["--model", str(tmp_path / "m.pth"), "--eval", str(bad)]) == 2
+    assert f"[eval] error: {bad}:2: an eval record needs task, prompt, answer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--model", str(tmp_path / "m.pth"), "--max_tokens", "0"])
+    assert e.value.code == 2 and "--max_tokens 0: must be >= 1" in capsys.readouterr().err
+    assert eval_main(["--model", str(tmp_path / "m.pth"), "--eval", str(bad.with_name("none.jsonl"))]) == 2
+    assert "none.jsonl" in capsys.readouterr().err

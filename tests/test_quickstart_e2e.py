@@ -20,13 +20,14 @@ def mini_epoch_losses(log: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_quickstart_chain_on_cpu(tmp_path: Path) -> None:
-    env = dict(os.environ, SKIP_SETUP="1", VENV_DIR=sys.prefix, OUT_DIR=str(tmp_path / "qs"),
+    # A space in OUT_DIR: make_data's printed flags must reach the demo scripts as whole words.
+    qs = tmp_path / "quick start"
+    env = dict(os.environ, SKIP_SETUP="1", VENV_DIR=sys.prefix, OUT_DIR=str(qs),
                N_LAYER="1", N_EMBD="64", CTX_LEN="128", M_BSZ="8", PRETRAIN_EPOCHS="1", SFT_EPOCHS="1",
                EPOCH_STEPS="25", THREADS="1", PROMPT="Copy these words: cat dog")
     r = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    qs = tmp_path / "qs"
     for stage in ("pretrain-run", "sft-run"):
         losses = mini_epoch_losses(qs / stage / "train_log.txt")
         assert len(losses) >= 3, stage

@@ -6,6 +6,7 @@ the terms they multiply.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import warnings
 from pathlib import Path
@@ -163,6 +164,25 @@ def test_bad_checkpoints_name_the_problem(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="cannot read") as e:
         RWKV_RNN(tmp_path / "text.pth")
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)   # one line, no unsafe advice
+    # the wrong files a user is likely to give: torch's text for these starts with the unsafe advice
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "data.idx").write_bytes(b"MMIDIDX\x00\x00" + bytes(40))
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "objects.pth")
+    for name, cause in (("data.jsonl", "Unsupported operand"), ("data.idx", "Unsupported operand"),
+                        ("objects.pth", "Unsupported global: GLOBAL argparse.Namespace")):
+        with pytest.raises(CheckpointError, match=f"cannot read .*{name} as a PyTorch checkpoint") as e:
+            RWKV_RNN(tmp_path / name)
+        msg = str(e.value)
+        assert cause in msg and "\n" not in msg and "weights_only" not in msg and "\x1b" not in msg, msg
+    # a run's folder instead of one of its checkpoints
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match="run is a folder: .*it holds no rwkv-"):
+        RWKV_RNN(run)
+    torch.save(sd, run / "rwkv-final.pth")
+    torch.save({"optimizer": {}, "plan": {}}, run / "rwkv-0.state.pth")
+    with pytest.raises(CheckpointError, match=r"run is a folder: give the path of one of its checkpoints \(rwkv-final\.pth\)"):
+        RWKV_RNN(run)
     # the resume state the trainer writes beside rwkv-N.pth is not weights
     with pytest.raises(CheckpointError, match=r"rwkv-3\.state\.pth is a training run's resume state .* "
                                               r"give rwkv-3\.pth or rwkv-final\.pth"):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, _remove_older_states, find_resume_checkpoint,
-                         load_resume_state, plot_train_log, read_train_log, remove_stale_temporaries, save_atomic,
-                         state_path)
+                         load_resume_state, plot_main, plot_train_log, read_train_log, remove_stale_temporaries,
+                         save_atomic, state_path)
 
 
 def schedule(**over: float) -> Schedule:
@@ -258,3 +258,17 @@ def test_ctrl_c_says_where_a_rerun_continues(tmp_path: Path, capsys: pytest.Capt
     monitor.on_exception(SimpleNamespace(is_global_zero=False), None, KeyboardInterrupt())   # other ranks: quiet
     monitor.on_exception(rank0, None, ValueError("x"))                                      # errors speak for themselves
     assert capsys.readouterr().out == ""
+
+
+def test_plot_command_names_a_wrong_file_instead_of_a_traceback(tmp_path, capsys):
+    """`python -m src.trainer FILE`, as README gives it: a missing file was a traceback, a file that is not a
+    train_log.txt silently became an empty plot."""
+    assert plot_main([str(tmp_path / "nope.txt")]) == 2 and "nope.txt: no such file" in capsys.readouterr().err
+    (tmp_path / "data.jsonl").write_text('{"text": "x"}\n')
+    assert plot_main([str(tmp_path / "data.jsonl")]) == 2 and "no mini-epoch lines" in capsys.readouterr().err
+    assert not (tmp_path / "data.svg").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.txt").write_text("# run header\nepoch 0 loss 5.0 ppl 148.4 lr 1e-3 time t elapsed 1 tokens 100\n"
+                                       "epoch 1 loss 4.0 ppl 54.6 lr 9e-4 time t elapsed 1 tokens 200\n")
+    assert plot_main([str(run)]) == 0 and (run / "train_log.svg").is_file()   # a proj_dir works too

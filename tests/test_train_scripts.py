@@ -5,6 +5,7 @@ variables; the data is a slice of the bundled sample converted by data/make_data
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -124,3 +125,55 @@ def test_machine_defaults_rejects_an_unknown_cpu_precision() -> None:
                        env={**_clean_env(), "PYTHON": sys.executable, "ACCELERATOR": "cpu", "CPU_PRECISION": "fp16"},
                        timeout=120)
     assert r.returncode == 2 and "CPU_PRECISION=fp16 is not one of auto, fp32, bf16" in r.stderr
+
+
+SETTINGS = ("N_LAYER", "N_EMBD", "HEAD_SIZE", "VOCAB_SIZE", "CTX_LEN", "PROJ_DIR", "PRETRAIN_DIR", "M_BSZ", "LR_INIT",
+            "LR_FINAL", "GRAD_CP", "WARMUP_STEPS", "BETA1", "BETA2", "ADAM_EPS", "WEIGHT_DECAY", "COMPILE", "EPOCH_SAVE",
+            "EPOCH_STEPS", "N_NODE", "GPU_PER_NODE", "DS_BUCKET_MB", "MY_EXIT_TOKENS", "MAGIC_PRIME", "DATA_FILE",
+            "DATA_TYPE", "LOAD_MODEL", "WANDB", "RANDOM_SEED", "MODEL_TYPE", "SFT_WHOLE_SEQ", "PRECISION", "STRATEGY",
+            "ACCELERATOR", "CPU_PRECISION")
+
+
+def script_argv(tmp_path: Path, name: str, **env: str) -> tuple[dict[str, str], str]:
+    """The flags a demo script passes to train.py (PYTHON is a stub that prints them) and the stub's cwd."""
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nexec {sys.executable} -c "import json, os, sys; '
+                    f'print(json.dumps([os.getcwd()] + sys.argv[1:]))" "$@"\n')
+    stub.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    r = subprocess.run(["bash", str(REPO / name)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**clean, "PYTHON": str(stub), "ACCELERATOR": "gpu", **env})
+    assert r.returncode == 0, r.stderr
+    cwd, script, *args = json.loads(r.stdout)
+    assert script == "train.py" and len(args) % 2 == 0, args
+    return dict(zip(args[::2], args[1::2])), cwd
+
+
+# SPEC section 4, the published flags of the demo scripts (a GPU machine: bf16 + DeepSpeed ZeRO-2)
+PUBLISHED = {"--micro_bsz": "16", "--lr_init": "6e-4", "--lr_final": "2e-5", "--grad_cp": "0", "--epoch_save": "1",
+             "--num_nodes": "1", "--devices": "1", "--ds_bucket_mb": "2", "--adam_eps": "1e-18", "--beta1": "0.9",
+             "--beta2": "0.99", "--weight_decay": "0.001", "--warmup_steps": "10", "--train_stage": "3",
+             "--precision": "bf16", "--strategy": "deepspeed_stage_2", "--ctx_len": "512", "--n_layer": "8",
+             "--n_embd": "512", "--head_size": "64", "--vocab_size": "6400", "--my_exit_tokens": "441795307",
+             "--magic_prime": "862811", "--data_file": "data/pretrain_hq", "--data_type": "binidx"}
+
+
+def test_demo_scripts_default_to_the_published_flags_and_take_every_setting_from_the_environment(tmp_path):
+    flags, cwd = script_argv(tmp_path, "demo-training-run.sh")
+    assert cwd == str(REPO)   # run from another folder, the script works from the repo root
+    assert {k: flags[k] for k in PUBLISHED} == PUBLISHED
+    sft, _ = script_argv(tmp_path, "demo-training-run-sft.sh")
+    assert {k: sft[k] for k in PUBLISHED} == {**PUBLISHED, "--lr_init": "2e-5", "--lr_final": "1e-6",
+                                              "--my_exit_tokens": "1843253579", "--magic_prime": "3600053",
+                                              "--data_file": "data/sft_512", "--data_type": "sft"}
+    assert sft["--load_model"] == "out/L8-D512-x070/rwkv-final.pth" and sft["--proj_dir"] == "out/L8-D512-x070-sft"
+    prep, _ = script_argv(tmp_path, "demo-training-prepare.sh", ACCELERATOR="")
+    assert {k: prep[k] for k in ("--train_stage", "--accelerator", "--micro_bsz", "--precision", "--strategy")} == \
+        {"--train_stage": "1", "--accelerator": "cpu", "--micro_bsz": "1", "--precision": "bf16",
+         "--strategy": "deepspeed_stage_2"}
+    # the optimizer settings were written into the command line; every setting is a variable now
+    over = dict(WARMUP_STEPS="3", BETA1="0.8", BETA2="0.95", ADAM_EPS="1e-8", WEIGHT_DECAY="0.1",
+                PROJ_DIR="my run", DATA_FILE="my data/x")
+    for name in ("demo-training-run.sh", "demo-training-run-sft.sh"):
+        flags, _ = script_argv(tmp_path, name, **over)
+        assert {k: flags[f"--{k.lower()}"] for k in over} == over, name
