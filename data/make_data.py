@@ -3,8 +3,10 @@
     python3 data/make_data.py FILE.jsonl N_EPOCH CTX_LEN [--tokenizer PATH] [--out PREFIX] [--seed S]
                               [--skip-bad] [--workers K] [--batch-size B]
 
-Records: pretrain {"text": "..."} or SFT {"conversations": [{"role", "content"}, ...]} (rendered with
-the chat template of src/tokenizer.py; the system turn only when the record has one). A file holds one
+Records: pretrain {"text": "..."} or SFT {"conversations": [{"role", "content"}, ...]}, rendered with
+the chat template of src/tokenizer.py as MiniMind2's tokenizer defines it: a conversation without a
+system message gets the default system turn "You are a helpful assistant" (--system changes it,
+--system '' leaves it out), which is also what the chat demo puts first. A file holds one
 kind; its first record decides which. Each record becomes one binidx item: its tokens + token 0 (end of
 document). The output holds N_EPOCH copies of the records, each copy in its own shuffled order (numpy
 PCG64 seeded with --seed, one permutation per copy). Every record is checked:
@@ -43,7 +45,8 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from src.binidx import MMapIndexedDatasetBuilder  # noqa: E402
 from src.sampler import magic_prime, too_small_message, windows  # noqa: E402
-from src.tokenizer import EOT_ID, ROLES, conversation_segments, load_tokenizer, token_dtype  # noqa: E402
+from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, load_tokenizer,  # noqa: E402
+                           token_dtype)
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DATA_DIR.parent
@@ -86,8 +89,10 @@ def index_lines(path: Path) -> LineIndex:
 
 
 # ------------------------------------------------------------------------------ parsing, encoding
-def parse_record(line: bytes, kind: str | None) -> tuple[str, list[tuple[str, bool]]]:
-    """(kind, segments) of one jsonl line; raises ValueError with a message for the user."""
+def parse_record(line: bytes, kind: str | None,
+                 system: str | None = DEFAULT_SYSTEM) -> tuple[str, list[tuple[str, bool]]]:
+    """(kind, segments) of one jsonl line; raises ValueError with a message for the user.
+    system: the system turn of a conversation without one (None: none)."""
     try:
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -102,7 +107,7 @@ def parse_record(line: bytes, kind: str | None) -> tuple[str, list[tuple[str, bo
         for j, m in enumerate(convs):
             if isinstance(m, dict) and m.get("role") not in ROLES:
                 raise ValueError(f"conversations[{j}] has role {m.get('role')!r}: expected one of {', '.join(ROLES)}")
-        segments = conversation_segments(convs)
+        segments = conversation_segments(convs, system)
     elif "text" in rec:
         got = "text"
         if not isinstance(rec["text"], str):
@@ -128,7 +133,8 @@ class EncodedBatch:
     blank: int = 0            # lines of only whitespace (e.g. "\r" in a CRLF file), skipped
 
 
-def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], kind: str) -> EncodedBatch:
+def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], kind: str,
+                 system: str | None) -> EncodedBatch:
     """Parse, render, encode and round-trip-check a batch of lines (blank lines are skipped)."""
     bad: list[tuple[int, str]] = []
     recs: list[tuple[int, list[tuple[str, bool]]]] = []
@@ -138,7 +144,7 @@ def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], ki
             blank += bool(line)  # empty lines are not counted as records in the first place
             continue
         try:
-            recs.append((no, parse_record(line, kind)[1]))
+            recs.append((no, parse_record(line, kind, system)[1]))
         except ValueError as e:
             bad.append((no, str(e)))
     flat = [text for _, segs in recs for text, _ in segs]
@@ -184,10 +190,10 @@ def encode_lines(tok: Tokenizer, lines: list[bytes], line_numbers: list[int], ki
 _W: dict = {}
 
 
-def _worker_init(path: str, tokenizer: str | None, kind: str, threads: int) -> None:
+def _worker_init(path: str, tokenizer: str | None, kind: str, system: str | None, threads: int) -> None:
     # Each worker's tokenizer uses `threads` Rust threads, so K workers do not oversubscribe the cores.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
-    _W.update(fd=os.open(path, os.O_RDONLY), tok=load_tokenizer(tokenizer), kind=kind)
+    _W.update(fd=os.open(path, os.O_RDONLY), tok=load_tokenizer(tokenizer), kind=kind, system=system)
 
 
 def _read(fd: int, starts: np.ndarray, lengths: np.ndarray) -> list[bytes]:
@@ -196,7 +202,8 @@ def _read(fd: int, starts: np.ndarray, lengths: np.ndarray) -> list[bytes]:
 
 def _worker_encode(job: tuple[np.ndarray, np.ndarray, np.ndarray]) -> EncodedBatch:
     line_idx, starts, lengths = job
-    return encode_lines(_W["tok"], _read(_W["fd"], starts, lengths), (line_idx + 1).tolist(), _W["kind"])
+    return encode_lines(_W["tok"], _read(_W["fd"], starts, lengths), (line_idx + 1).tolist(), _W["kind"],
+                        _W["system"])
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -304,8 +311,9 @@ def _ordered_bounded(pool, jobs: Iterator[tuple], in_flight: int) -> Iterator[En
 
 def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Path | None = None,
               out: str | Path | None = None, seed: int = 0, skip_bad: bool = False, workers: int = 1,
-              batch_size: int = 512, progress: bool = True) -> MakeDataResult:
-    """Convert a MiniMind jsonl file to binidx; see the module docstring. workers == 1 runs in-process."""
+              batch_size: int = 512, progress: bool = True, system: str | None = DEFAULT_SYSTEM) -> MakeDataResult:
+    """Convert a MiniMind jsonl file to binidx; see the module docstring. workers == 1 runs in-process.
+    system: the system turn of SFT conversations without one (None: none)."""
     path = Path(jsonl)
     if not path.is_file():
         raise MakeDataError(f"{path}: no such file")
@@ -334,11 +342,12 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
         if workers > 1:
             threads = max(1, (os.cpu_count() or 1) // workers)
             pool = mp.get_context("spawn").Pool(
-                workers, _worker_init, (str(path), None if tokenizer is None else str(tokenizer), kind, threads))
+                workers, _worker_init,
+                (str(path), None if tokenizer is None else str(tokenizer), kind, system, threads))
             results = _ordered_bounded(pool, jobs, 2 * workers)
         else:
             fd = os.open(path, os.O_RDONLY)
-            results = (encode_lines(tok, _read(fd, s, n), (i + 1).tolist(), kind) for i, s, n in jobs)
+            results = (encode_lines(tok, _read(fd, s, n), (i + 1).tolist(), kind, system) for i, s, n in jobs)
         try:
             for b in results:
                 if b.bad and not skip_bad:
@@ -396,10 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                     help="encoding processes, 1 = in this process (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=512, help="lines per encoding batch (default %(default)s)")
+    ap.add_argument("--system", default=DEFAULT_SYSTEM,
+                    help="SFT: system turn of a conversation without one, as MiniMind2's chat template and the chat "
+                         "demo put first ('' = none; default %(default)r)")
     args = ap.parse_args(argv)
     try:
         r = make_data(args.jsonl, args.n_epoch, args.ctx_len, args.tokenizer, args.out, args.seed,
-                      args.skip_bad, args.workers, args.batch_size)
+                      args.skip_bad, args.workers, args.batch_size, system=args.system or None)
     except (MakeDataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ eval.jsonl records: {"task": str, "prompt": str, "answer": str, "match": "exact"
     res = evaluate(answer_fn); print(res.summary())            # + per-task accuracy, failures
 
 answer_fn(prompt) returns the model's reply text: what it generated after the chat prompt of
-src.tokenizer.chat_prompt(prompt, ...) up to (not including) <|im_end|>. The sample SFT data has
-conversations with and without the default system turn, so either prompt form works.
+src.tokenizer.chat_prompt(prompt, ...) up to (not including) <|im_end|>. make_data gives every SFT
+conversation the default system turn (as MiniMind2's chat template does), so prompt with it too
+(chat_prompt's default).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from tokenizers import normalizers
 from data.make_data import DATA_DIR, MakeDataError, default_out, make_data
 from src.binidx import MMapIndexedDataset, open_mask
 from src.sampler import magic_prime
-from src.tokenizer import IM_END, load_tokenizer, render_conversation
+from src.tokenizer import DEFAULT_SYSTEM, IM_END, load_tokenizer, render_conversation
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMIND2 = Path(__file__).resolve().parents[2] / "shared" / "minimind2_tokenizer"
@@ -80,7 +80,7 @@ def test_sft_mask_lines_up_with_assistant_tokens(tmp_path):
     tok = load_tokenizer()
     d = MMapIndexedDataset(tmp_path / "sft")
     mask = open_mask(tmp_path / "sft", d.num_tokens)
-    by_text = {render_conversation(c): c for c in convs}
+    by_text = {render_conversation(c, system=DEFAULT_SYSTEM): c for c in convs}   # the default system turn
     starts = d.item_starts()
     seen = []
     for i in range(len(d)):
@@ -102,6 +102,48 @@ def test_sft_mask_lines_up_with_assistant_tokens(tmp_path):
         assert [tok.decode(run, skip_special_tokens=False) for run in runs] == replies
         assert sum(m) == sum(len(tok.encode(x).ids) for x in replies)
     assert sorted(seen) == sorted(by_text)
+
+
+def sft_texts(prefix: Path) -> list[str]:
+    tok = load_tokenizer()
+    return [tok.decode(d[:-1], skip_special_tokens=False) for d in docs_of(prefix)]
+
+
+def test_sft_system_turn_default_custom_or_none(tmp_path):
+    """A conversation without a system message gets --system's turn (default: SPEC's default text); one
+    with its own keeps it; --system '' gives none. The CLI passes the flag through."""
+    rng = random.Random()
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rand_text(rng)},
+           {"role": "assistant", "content": rand_text(rng)}]
+    bare = [{"role": "user", "content": rand_text(rng)}, {"role": "assistant", "content": rand_text(rng)}]
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": own}, {"conversations": bare}])
+    body = "<|im_start|>user\n" + bare[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n" + \
+        bare[1]["content"] + "<|im_end|>\n"
+    kept = "<|im_start|>system\nBe brief.<|im_end|>\n" + render_conversation(own[1:])
+    for flag, system_turn in [((), "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"),
+                              (("--system", "你是助手"), "<|im_start|>system\n你是助手<|im_end|>\n"),
+                              (("--system", ""), "")]:
+        out = tmp_path / f"o{len(system_turn)}"
+        proc = subprocess.run([sys.executable, "data/make_data.py", str(src), "1", "4", "--out", str(out),
+                               "--workers", "1", *flag], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(sft_texts(out)) == sorted([kept, system_turn + body])
+
+
+@pytest.mark.skipif(not MINIMIND2.is_dir(), reason=f"{MINIMIND2} not present")
+def test_sft_rendering_is_minimind2s_chat_template(tmp_path):
+    """make_data renders conversations exactly as the chat_template in MiniMind2's tokenizer_config.json
+    (the template MiniMind's own SFT applies), rendered here by jinja2 on fresh random conversations."""
+    import jinja2
+    template = json.loads((MINIMIND2 / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    render = jinja2.Environment().from_string(template).render
+    rng = random.Random()
+    convs = [rand_conversation(rng) for _ in range(30)]
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in convs])
+    make_data(src, 1, 4, tokenizer=MINIMIND2, out=tmp_path / "sft", progress=False)
+    tok = load_tokenizer(MINIMIND2)
+    got = [tok.decode(d[:-1], skip_special_tokens=False) for d in docs_of(tmp_path / "sft")]
+    assert sorted(got) == sorted(render(messages=c) for c in convs)
 
 
 @pytest.mark.skipif(not MINIMIND2.is_dir(), reason=f"{MINIMIND2} not present")

@@ -7,8 +7,9 @@ Files, in MiniMind's formats:
   several segments; a segment is one task example written as "prompt\\nanswer", or a few short
   sentences of bilingual prose (facts about the same words and numbers).
 - sft.jsonl       {"conversations": [{"role": ..., "content": ...}, ...]}: one or two task turns, the
-  assistant content being exactly the answer; some conversations open with a system turn
-  (DEFAULT_SYSTEM), so the model answers with and without one.
+  assistant content being exactly the answer; some conversations open with the system message
+  written out (DEFAULT_SYSTEM), the others get the same turn from make_data's default (--system), as
+  MiniMind's conversations, which have none, get it from MiniMind2's chat template.
 - eval.jsonl      {"task", "prompt", "answer", "match"}: held-out prompts. Tasks and templates are the
   training ones, the instances are not: no eval prompt occurs in pretrain.jsonl or sft.jsonl.
 
