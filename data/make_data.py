@@ -37,15 +37,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
-if __package__ in (None, ""):  # run as `python3 data/make_data.py`: make `src` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from tokenizers import Tokenizer
 
-import numpy as np  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from src.binidx import MMapIndexedDatasetBuilder  # noqa: E402
-from src.sampler import magic_prime, too_small_message, windows  # noqa: E402
-from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, load_tokenizer,  # noqa: E402
+from src.binidx import MMapIndexedDatasetBuilder
+from src.sampler import magic_prime, too_small_message, windows
+from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, load_tokenizer,
                            token_dtype)
 
 DATA_DIR = Path(__file__).resolve().parent

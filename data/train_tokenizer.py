@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
-if __package__ in (None, ""):  # run as `python3 data/train_tokenizer.py`: make `src` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-
-from src.tokenizer import (DEFAULT_SYSTEM, DEFAULT_TOKENIZER_DIR, SPECIAL_TOKENS,  # noqa: E402
+from src.tokenizer import (DEFAULT_SYSTEM, DEFAULT_TOKENIZER_DIR, SPECIAL_TOKENS,
                            check_tokenizer, render_conversation)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"

@@ -25,4 +25,7 @@ args=("$TORCH_SPEC" -r requirements.txt)
 if [ -n "$EXTRA_REQS" ]; then args+=(-r "$EXTRA_REQS"); fi
 echo "[setup] installing $TORCH_SPEC + requirements.txt ${EXTRA_REQS:+ + $EXTRA_REQS} into $VENV_DIR"
 "${PIP[@]}" install "${args[@]}"
+# The repo itself, editable and without dependencies (just installed): makes `src` importable for the
+# scripts in data/ wherever they are run from (pyproject.toml).
+"${PIP[@]}" install --no-deps -e .
 "$VENV_DIR/bin/python" -c "import torch, pytorch_lightning as pl; print(f'[setup] torch {torch.__version__}, lightning {pl.__version__}, cuda={torch.cuda.is_available()}')"

@@ -124,8 +124,9 @@ def test_sft_system_turn_default_custom_or_none(tmp_path):
                               (("--system", "你是助手"), "<|im_start|>system\n你是助手<|im_end|>\n"),
                               (("--system", ""), "")]:
         out = tmp_path / f"o{len(system_turn)}"
-        proc = subprocess.run([sys.executable, "data/make_data.py", str(src), "1", "4", "--out", str(out),
-                               "--workers", "1", *flag], cwd=REPO, capture_output=True, text=True)
+        # run as a plain script from another folder: `src` comes from the venv's editable install
+        proc = subprocess.run([sys.executable, str(REPO / "data/make_data.py"), str(src), "1", "4", "--out", str(out),
+                               "--workers", "1", *flag], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert sorted(sft_texts(out)) == sorted([kept, system_turn + body])
 
