@@ -261,6 +261,21 @@ def test_masked_loss_is_mean_over_masked_positions() -> None:
     assert torch.isclose(lm_loss(logits, y, mask.to(torch.uint8)), (per[1] + per[3]) / 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_of_half_precision_logits_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """bf16/fp16 logits (what autocast gives the loss) are upcast before the softmax: the loss is the
+    float64 cross-entropy of the very same logit values to float32 accuracy, masked or not."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 32, 6400, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 6400, (2, 32), generator=g)
+    mask = (torch.rand(2, 32, generator=g) < 0.5).to(torch.uint8)
+    ref = F.cross_entropy(logits.double().view(-1, 6400), y.view(-1), reduction="none").view(2, 32)
+    for m, want in [(None, ref.mean()), (mask, (ref * mask).sum() / mask.sum())]:
+        got = lm_loss(logits, y, m)
+        assert got.dtype == torch.float32
+        assert abs(got.item() - want.item()) < 1e-5 * want.item()
+
+
 def test_optimizer_groups() -> None:
     model = RWKV(ModelConfig(**TINY, weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
