@@ -184,6 +184,29 @@ def test_main_greedy_prompt_prints_the_greedy_reply(tiny, capsys):
     assert out == "".join(session.reply("hello")) + "\n"
 
 
+def test_cli_session_bans_endoftext_and_ids_the_tokenizer_lacks(tmp_path):
+    """SPEC 5: token 0 is banned; a model vocab padded past the tokenizer's 6400 bans the ids it cannot
+    decode too. Here the logits are the same for every input (ln_out.weight = 0) and put token 0 first
+    and a padded id second by far, so a session that allowed either would sample it at once."""
+    model = perturbed_model(ModelConfig(vocab_size=6464, n_layer=1, n_embd=32, head_size=16), seed=5)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        b = torch.randn(32, generator=g)
+        model.ln_out.weight.zero_()
+        model.ln_out.bias.copy_(b)
+        model.head.weight.copy_(torch.randn(6464, 32, generator=g) * 0.01)
+        model.head.weight[0] = 60 * b / b.dot(b)                       # logit 60
+        model.head.weight[6450] = 50 * b / b.dot(b)                    # logit 50, past the tokenizer
+    torch.save(model.state_dict(), tmp_path / "padded.pth")
+    for temperature in ("0", "1"):
+        session = chat.build_session(chat.parse_args(["--model", str(tmp_path / "padded.pth"), "--temperature",
+                                                      temperature, "--max_tokens", "6", "--seed", "1"]))
+        logits = session.model.forward([1, 2, 3])[0]
+        assert int(logits.argmax()) == 0 and int(logits[1:].argmax()) == 6449    # the setup works
+        "".join(session.reply("hi"))
+        assert session.sampled and all(0 < t < 6400 for t in session.sampled), session.sampled
+
+
 @pytest.mark.slow
 def test_demo_interactive_reset_empty_message_and_eof(tiny):
     path, _ = tiny

@@ -12,6 +12,8 @@ import pytest
 from src.binidx import BinIdxError, MMapIndexedDataset, MMapIndexedDatasetBuilder, open_mask
 
 CODE = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "uint16": 8}
+# SPEC section 3's dtype codes, as little-endian numpy type strings (6 and 7 are both float64)
+SPEC_CODES = {1: "<u1", 2: "<i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f8", 8: "<u2"}
 
 
 def random_docs(rng: np.random.Generator, n: int, high: int) -> list[np.ndarray]:
@@ -33,7 +35,8 @@ def parse_idx(path) -> dict:
                 doc_idx=doc_idx, trailing=len(raw) - off)
 
 
-@pytest.mark.parametrize("dtype, high", [("uint16", 65536), ("int32", 200_000), ("uint8", 256)])
+@pytest.mark.parametrize("dtype, high", [("uint16", 65536), ("int32", 200_000), ("uint8", 256), ("int8", 128),
+                                         ("int16", 32768), ("int64", 1 << 40)])
 def test_layout_field_by_field(tmp_path, dtype, high):
     rng = np.random.default_rng()
     docs = random_docs(rng, int(rng.integers(1, 40)), high)
@@ -61,6 +64,27 @@ def test_layout_field_by_field(tmp_path, dtype, high):
     assert np.array_equal(np.asarray(r.tokens), np.concatenate(docs))
     r2 = pickle.loads(pickle.dumps(r))  # DataLoader workers: re-opens by prefix, no data copied
     assert len(pickle.dumps(r)) < 500 and np.array_equal(r2[len(docs) - 1], docs[-1])
+
+
+@pytest.mark.parametrize("code", sorted(SPEC_CODES))
+def test_reader_follows_the_spec_dtype_codes(tmp_path, code):
+    """A file written byte by byte here (struct and numpy only, not the builder), for every dtype code of
+    SPEC's table: the reader must pick that dtype, so files from other MMIDIDX writers read right."""
+    rng = np.random.default_rng()
+    dt = np.dtype(SPEC_CODES[code])
+    lo = -100 if dt.kind in "if" else 0
+    docs = [rng.integers(lo, 100, size=int(rng.integers(1, 20))).astype(dt) for _ in range(int(rng.integers(1, 8)))]
+    sizes = [len(d) for d in docs]
+    pointers = [dt.itemsize * sum(sizes[:i]) for i in range(len(docs))]
+    n = len(docs)
+    (tmp_path / "h.idx").write_bytes(struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, code, n, n + 1)
+                                     + struct.pack(f"<{n}i", *sizes) + struct.pack(f"<{n}q", *pointers)
+                                     + struct.pack(f"<{n + 1}q", *range(n + 1)))
+    (tmp_path / "h.bin").write_bytes(b"".join(d.tobytes() for d in docs))
+    r = MMapIndexedDataset(tmp_path / "h")
+    assert r.dtype == dt.newbyteorder("=") and r.num_tokens == sum(sizes)
+    for i, d in enumerate(docs):
+        assert np.array_equal(r[i], d)
 
 
 def test_mask_is_written_and_checked(tmp_path):

@@ -71,6 +71,18 @@ def test_pretrain_records_become_shuffled_documents(tmp_path):
     assert (tmp_path / "other.bin").read_bytes() != (tmp_path / "out/pre.bin").read_bytes()
 
 
+@pytest.mark.parametrize("ending", ["", "\n"])
+def test_last_record_is_kept_with_or_without_a_final_newline(tmp_path, ending):
+    rng = random.Random()
+    texts = [rand_text(rng) for _ in range(rng.randint(2, 10))]
+    src = tmp_path / "pre.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + ending, encoding="utf-8")
+    r = make_data(src, 1, 4, out=tmp_path / "pre", progress=False)
+    tok = load_tokenizer()
+    assert Counter(tuple(d) for d in docs_of(tmp_path / "pre")) == Counter(tuple(tok.encode(t).ids + [0]) for t in texts)
+    assert r.records == len(texts)
+
+
 def test_sft_mask_lines_up_with_assistant_tokens(tmp_path):
     rng = random.Random()
     convs = [rand_conversation(rng) for _ in range(40)]

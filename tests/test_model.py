@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -109,6 +110,37 @@ def test_initialisation_follows_spec() -> None:
     # V <= C: the head's gain is 0.5 (no sqrt(V/C)), and its rows are the orthogonal ones
     head = RWKV(ModelConfig(vocab_size=100, n_layer=1, n_embd=C, head_size=N)).head.weight.detach().double()
     assert torch.allclose(head @ head.T, 0.25 * torch.eye(100, dtype=torch.float64), atol=1e-5)
+
+
+def test_initialisation_of_norms_lora_gain_and_one_layer() -> None:
+    """The rules test_initialisation_follows_spec leaves out: every LayerNorm/GroupNorm bias 0 and weight 1
+    (ln_x.weight aside); the LoRA gain 0.1 * sqrt(rows/cols) of a tall w2/a2/v2/g2 (C = 16 < 32 = D);
+    and L = 1, where r01 is 0 (SPEC), so www = -6 + 6 n/(C-1) and the mixes use r1 = 1."""
+    C, N = 16, 8
+    torch.manual_seed(0)
+    sd = RWKV(ModelConfig(vocab_size=40, n_layer=1, n_embd=C, head_size=N)).state_dict()
+    norms = [k for k in sd if re.fullmatch(r"(blocks\.\d+\.(ln[012]|att\.ln_x)|ln_out)\.(weight|bias)", k)]
+    assert len(norms) == 10
+    for k in norms:
+        want = 0.0 if k.endswith(".bias") else 1.0      # ln_x.weight = ((0+1)/1)^0.7 = 1 at L = 1
+        assert torch.all(sd[k] == want), k
+    n = torch.arange(C, dtype=torch.float64)
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    assert torch.allclose(sd["blocks.0.att.w0"].double().flatten(), -6 + 6 * n / (C - 1) + 0.5 + 2.5 * z * z.abs(),
+                          atol=1e-5)
+    assert torch.allclose(sd["blocks.0.att.x_w"].double().flatten(), 1 - (n / C) ** 0.9, atol=1e-6)
+    for lora in ["w2", "a2", "v2", "g2"]:
+        W = sd["blocks.0.att." + lora].double()                  # (D, C), D > C: orthogonal columns
+        rows, cols = W.shape
+        assert rows > cols, lora
+        assert torch.allclose(W.T @ W, 0.01 * rows / cols * torch.eye(cols, dtype=torch.float64), atol=1e-6), lora
+    # the deeper layers' norms too (ln0 exists in layer 0 only)
+    sd = RWKV(ModelConfig(vocab_size=40, n_layer=3, n_embd=C, head_size=N)).state_dict()
+    for l in range(3):
+        for k in ["ln1.weight", "ln2.weight"]:
+            assert torch.all(sd[f"blocks.{l}.{k}"] == 1), (l, k)
+        for k in ["ln1.bias", "ln2.bias", "att.ln_x.bias"]:
+            assert torch.all(sd[f"blocks.{l}.{k}"] == 0), (l, k)
 
 
 def reference_logits(sd: dict[str, torch.Tensor], tokens: list[int], L: int, H: int, N: int) -> torch.Tensor:
@@ -227,6 +259,21 @@ def test_masked_loss_is_mean_over_masked_positions() -> None:
     per = F.cross_entropy(logits[0], y[0], reduction="none")
     assert torch.isclose(lm_loss(logits, y, mask), (per[1] + per[3]) / 2)
     assert torch.isclose(lm_loss(logits, y, mask.to(torch.uint8)), (per[1] + per[3]) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_of_half_precision_logits_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """bf16/fp16 logits (what autocast gives the loss) are upcast before the softmax: the loss is the
+    float64 cross-entropy of the very same logit values to float32 accuracy, masked or not."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 32, 6400, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 6400, (2, 32), generator=g)
+    mask = (torch.rand(2, 32, generator=g) < 0.5).to(torch.uint8)
+    ref = F.cross_entropy(logits.double().view(-1, 6400), y.view(-1), reduction="none").view(2, 32)
+    for m, want in [(None, ref.mean()), (mask, (ref * mask).sum() / mask.sum())]:
+        got = lm_loss(logits, y, m)
+        assert got.dtype == torch.float32
+        assert abs(got.item() - want.item()) < 1e-5 * want.item()
 
 
 def test_optimizer_groups() -> None:

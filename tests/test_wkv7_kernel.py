@@ -612,6 +612,38 @@ def test_build_without_toolkit_says_how_to_fall_back() -> None:
     assert "nvcc" in str(e.value) and "--wkv_impl torch" in str(e.value) and 'impl="torch"' in str(e.value)
 
 
+@pytest.mark.parametrize("hip", [False, True])
+def test_build_passes_the_spec_flags_to_cpp_extension_load(monkeypatch, hip: bool) -> None:
+    """SPEC 2: nvcc gets -res-usage --use_fast_math -O3 -Xptxas -O3 --extra-device-vectorization plus the
+    head size and chunk length as -D macros; hipcc gets no nvcc-only flag. cpp_extension.load is replaced
+    by a stub that records its arguments (no toolchain needed)."""
+    from torch.utils import cpp_extension
+
+    calls: list[dict] = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stub: not building")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(K, "toolchain_problem", lambda: None)
+    monkeypatch.setattr(K, "_build_errors", {})
+    monkeypatch.setattr(K, "_loaded", {})
+    monkeypatch.setattr(torch.version, "hip", "6.2" if hip else None)
+    with pytest.raises(RuntimeError, match="stub: not building"):
+        K.load_kernel(32)
+    (call,) = calls
+    defines = ["-D_N_=32", "-D_CHUNK_LEN_=16"]
+    assert [s for s in call["sources"] if s.endswith(".cu")] == [str(CU)]
+    assert all(d in call["extra_cflags"] for d in defines)
+    flags = call["extra_cuda_cflags"]
+    assert flags[-2:] == defines
+    if hip:
+        assert not {"-res-usage", "--use_fast_math", "-Xptxas", "--extra-device-vectorization"} & set(flags)
+    else:
+        assert flags[:-2] == ["-res-usage", "--use_fast_math", "-O3", "-Xptxas", "-O3", "--extra-device-vectorization"]
+
+
 def test_build_log_key_lines() -> None:
     log = "[1/3] c++ ok\nnoise\n/x/wkv7_cuda.cu(12): error: identifier \"foo\" is undefined\nninja: build stopped\n"
     lines = K._key_lines(log)
