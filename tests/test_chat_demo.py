@@ -259,3 +259,29 @@ def test_demo_exits_cleanly_on_ctrl_c(tiny):
         proc.kill()
     assert proc.returncode == 0
     assert "Traceback" not in err
+
+
+def test_reply_cut_at_max_tokens_is_fed_whole_and_closed_before_the_next_turn(tiny):
+    """A reply that reaches max_tokens without <|im_end|> holds exactly max_tokens tokens, every one fed to
+    the state; the next message first closes it with <|im_end|> (as the SFT template ends a reply), then
+    its user turn. Greedy tokens are the float64 parallel model's argmax over everything fed before them."""
+    path, model64 = tiny
+    model = RWKV_RNN(path)
+    tok = load_tokenizer(None)
+    cfg = SamplingConfig(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0, banned=(0, IM_END_ID))
+    session = chat.ChatSession(model, tok, Sampler(model.vocab_size, cfg, seed=0), DEFAULT_SYSTEM, 7)
+    first = "".join(session.reply("Hello there"))
+    prompt1 = tok.encode(chat_prompt("Hello there", DEFAULT_SYSTEM, True)).ids
+    reply1 = list(session.sampled)
+    assert len(reply1) == 7 and session.fed == prompt1 + reply1
+    assert first == tok.decode(reply1, skip_special_tokens=False)
+    "".join(session.reply("And then?"))
+    prompt2 = tok.encode(chat_prompt("And then?", DEFAULT_SYSTEM, False)).ids
+    start = len(prompt1) + 7 + 1 + len(prompt2)
+    assert session.fed[:start] == prompt1 + reply1 + [IM_END_ID] + prompt2
+    assert len(session.sampled) == 7 and session.fed[start:] == session.sampled
+    with torch.no_grad():
+        ref = model64(torch.tensor([session.fed]))[0]     # (T,V) float64
+    ref[:, [0, IM_END_ID]] = float("-inf")
+    assert reply1 == ref[len(prompt1) - 1:len(prompt1) + 6].argmax(-1).tolist()
+    assert session.sampled == ref[start - 1:start + 6].argmax(-1).tolist()

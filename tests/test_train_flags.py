@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 
 import train
+from src.dataset import SFTDataset
 from src.trainer import TrainingError
 from tests.test_train_run import (CTX, MICRO_BSZ, MODEL, as_flags, largest_magic_prime, tiny_flags,
                                   write_progressions)
@@ -371,3 +373,68 @@ def test_strategy_for_the_machine(tmp_path: Path) -> None:
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     z = strategy("--strategy", "deepspeed_stage_3").config["zero_optimization"]
     assert z["stage"] == 3 and "offload_optimizer" not in z and "offload_param" not in z
+
+
+def test_sft_needs_no_magic_prime_but_refuses_a_wrong_one(data: tuple[Path, int], proj: Path) -> None:
+    """--data_type sft samples whole conversations and uses no prime (0, or make_data's NONE), yet a prime
+    that does not fit the data at this ctx_len means other data or another ctx_len: refused, naming the
+    right one."""
+    prefix, n = data
+    p, p64 = largest_magic_prime(n, CTX), largest_magic_prime(n, 64)
+    sft = dict(data_type="sft", sft_whole_seq=1)
+    rejected(tiny_flags(prefix, n, proj, magic_prime=p64, **sft),
+             rf"--magic_prime {p64} does not match {prefix} \({n} tokens\) at ctx_len {CTX}: --data_type sft does "
+             rf"not use it; pass 0 or {p}$", proj)
+    samples = SFTDataset(prefix, CTX, whole_sequence=True).n_samples
+    for fine in ("0", "NONE", str(p)):
+        assert train.check_data(train.parse_args(tiny_flags(prefix, n, proj, magic_prime=fine, **sft))) == samples
+
+
+def test_sft_without_exit_tokens_trains_epoch_count_mini_epochs(data: tuple[Path, int], proj: Path) -> None:
+    """--my_exit_tokens 0 means --epoch_count mini-epochs for SFT as for pretraining (not one pass)."""
+    prefix, n = data
+    args = train.parse_args(tiny_flags(prefix, n, proj, data_type="sft", my_exit_tokens=0, magic_prime=0,
+                                       epoch_count=3))
+    assert train.plan_epochs(args, samples_per_pass=1001) == (3 * 4, 3 * 4 * MICRO_BSZ * CTX)
+    assert args.epoch_count == 3
+
+
+def test_sft_sample_order_follows_the_random_seed(data: tuple[Path, int], proj: Path) -> None:
+    """--random_seed picks the order of the SFT samples (-1: order 0): a rerun sees the same batches,
+    another seed another order. Batches as train.py's data module hands them to the Trainer."""
+    prefix, n = data
+
+    def batches(seed: int) -> list[list[list[int]]]:
+        args = train.parse_args(tiny_flags(prefix, n, proj, data_type="sft", sft_whole_seq=1, magic_prime=0,
+                                           random_seed=seed))
+        train.check_machine(args)
+        train.plan_epochs(args, train.check_data(args))
+        module = train.TrainData(args, epoch_begin=0, n_epochs=1, n_steps=4)
+        module.trainer = SimpleNamespace(global_rank=0, world_size=1)
+        return [x.tolist() for x, _, _ in module.train_dataloader()]
+
+    def expected(seed: int) -> list[list[list[int]]]:
+        ds = SFTDataset(prefix, CTX, whole_sequence=True, seed=seed, micro_bsz=MICRO_BSZ,
+                        samples_per_epoch=4 * MICRO_BSZ)
+        return [[ds[i][0].tolist() for i in range(b * MICRO_BSZ, (b + 1) * MICRO_BSZ)] for b in range(4)]
+
+    assert batches(5) == expected(5) != expected(6)
+    assert batches(-1) == expected(0)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float32),
+                                             ("fp32", torch.float32), ("tf32", torch.float32)])
+def test_stage_1_writes_bf16_weights_only_for_bf16(tmp_path: Path, precision: str, dtype: torch.dtype) -> None:
+    """SPEC section 4: rwkv-init.pth is bf16 when --precision is bf16; fp32 otherwise (fp16 trains fp32
+    master weights, and bf16 would lose precision fp16 keeps)."""
+    assert train.main(["--train_stage", "1", "--proj_dir", str(tmp_path), "--precision", precision,
+                       *as_flags(MODEL)]) == 0
+    assert {v.dtype for v in torch.load(tmp_path / "rwkv-init.pth", weights_only=True).values()} == {dtype}
+
+
+def test_cli_reports_a_problem_in_one_line_with_exit_status_2(data: tuple[Path, int], proj: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """A problem the user must fix: exit status 2 and one line naming it, no traceback."""
+    prefix, n = data
+    assert train.cli(tiny_flags(prefix, n, proj, micro_bsz=0)) == 2
+    assert capsys.readouterr().err == "error: --micro_bsz must be >= 1, got 0\n"

@@ -372,6 +372,8 @@ def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> Non
         assert row["lr"][0] == pytest.approx(hand_lr(4 + k, k, 3e-3, 3e-4, 20, tps, 12 * tps), rel=1e-12)
     state = torch.load(proj / "rwkv-2.state.pth", weights_only=True)
     assert (state["step"], state["warm_step"]) == (12, 8)
+    # the log counts steps and tokens from the start of training (mini-epoch 0), not of this run
+    assert [(r["epoch"], r["steps"], r["tokens"]) for r in epoch_lines(proj)] == [(1, 8, 8 * tps), (2, 12, 12 * tps)]
 
     # one more mini-epoch of the same run: it resumes exactly from rwkv-2 with 8 warmup steps taken
     (proj / "rwkv-final.pth").unlink()
@@ -381,6 +383,7 @@ def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> Non
     assert len(rec.rows) == 4
     for k, row in enumerate(rec.rows):
         assert row["lr"][0] == pytest.approx(hand_lr(12 + k, 8 + k, 3e-3, 3e-4, 20, tps, 16 * tps), rel=1e-12)
+    assert [(r["epoch"], r["steps"], r["tokens"]) for r in epoch_lines(proj)][-1] == (3, 16, 16 * tps)
 
 
 class PoisonWeights(pl.Callback):
@@ -439,10 +442,13 @@ def test_run_ending_inside_a_mini_epoch_loads_exactly_its_steps(tmp_path: Path) 
                 *as_flags(MODEL)])
     steps = math.ceil(n / (MICRO_BSZ * CTX))
     assert steps % 4, "the data should end inside a 4-step mini-epoch"
-    count = BatchCount()
-    assert train.main(tiny_flags(data, n, proj, my_exit_tokens=n, epoch_count=0), callbacks=[count]) == 0
+    count, rec = BatchCount(), Recorder()
+    assert train.main(tiny_flags(data, n, proj, my_exit_tokens=n, epoch_count=0), callbacks=[count, rec]) == 0
     assert count.total == count.steps == steps
     assert epoch_lines(proj)[-1]["steps"] == steps
+    # the partial mini-epoch's loss: the mean over the steps it has, not over a whole mini-epoch's 4
+    tail = [r["loss"] for r in rec.rows[-(steps % 4):]]
+    assert epoch_lines(proj)[-1]["loss"] == pytest.approx(sum(tail) / len(tail), abs=2e-6)
     assert (proj / "train_log.txt").read_text().rstrip().endswith("partial 1")
     assert (proj / "rwkv-final.pth").is_file()           # the run ended: its weights are saved, partial or not
 
@@ -504,3 +510,67 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision: str) -> None:
     train.build_trainer(args, 3, [Norms()]).fit(model, train_dataloaders=data)
     assert len(norms["step"]) == 3 and all(b > 0.05 for b in norms["backward"]), norms
     assert norms["step"] == pytest.approx([0.05] * 3, rel=1e-4)
+
+
+def test_killed_after_the_last_save_finishes_with_those_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Killed after the last mini-epoch's rwkv-N.pth, before rwkv-final.pth: rerunning trains no step and
+    writes those weights as rwkv-final.pth (the SFT stage and the chat demo look for it)."""
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=8)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", "--random_seed", "4",
+                       *as_flags(MODEL)]) == 0
+    (proj / "rwkv-init.pth").rename(proj / "rwkv-3.pth")   # mini-epoch 3 ends a 4 x 4-step run
+    rec = Recorder()
+    assert train.main(tiny_flags(data, n, proj), callbacks=[rec]) == 0
+    assert rec.rows == []
+    assert f"is at step 16 of 16; {proj / 'rwkv-final.pth'} holds the result" in capsys.readouterr().out
+    last = torch.load(proj / "rwkv-3.pth", weights_only=True)
+    final = torch.load(proj / "rwkv-final.pth", weights_only=True)
+    assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in last)
+
+
+def test_each_resume_state_is_written_before_its_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between two writes of a save must never leave an rwkv-N.pth without its state: resume picks
+    the highest rwkv-N.pth and would continue weights-only. Files in the order they were complete on disk."""
+    import src.trainer
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=10)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)]) == 0
+    written: list[str] = []
+    real_save = src.trainer.save_atomic
+
+    def save_and_note(obj, path):
+        real_save(obj, path)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(src.trainer, "save_atomic", save_and_note)
+    assert train.main(tiny_flags(data, n, proj, epoch_count=3, epoch_save=2)) == 0
+    assert written == ["rwkv-0.state.pth", "rwkv-0.pth", "rwkv-2.state.pth", "rwkv-2.pth", "rwkv-final.pth"]
+
+
+class TermAt(pl.Callback):
+    """SIGTERM to this process as the batch `at` (0-based, of this run) starts."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_last_step_lets_the_run_finish(tmp_path: Path) -> None:
+    """The stop request travels with a step's loss: one that arrives with the run's last step finds the run
+    finished (rwkv-final.pth written), which then ends normally, not as stopped (143). Earlier, it stops at
+    the step after the one it came with (whose loss is read one step late)."""
+    from src.trainer import TrainingStopped
+    data, proj = tmp_path / "prog", tmp_path / "proj"
+    n = write_progressions(data, seed=11)
+    assert train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)]) == 0
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM at step 7;"):
+        train.main(tiny_flags(data, n, proj, epoch_count=2), callbacks=[TermAt(5)])
+    assert not (proj / "rwkv-final.pth").exists()
+    (proj / "rwkv-0.pth").unlink()
+    (proj / "rwkv-0.state.pth").unlink()
+    assert train.main(tiny_flags(data, n, proj, epoch_count=2), callbacks=[TermAt(7)]) == 0
+    assert (proj / "rwkv-final.pth").is_file() and (proj / "rwkv-1.pth").is_file()

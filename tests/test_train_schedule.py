@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src.trainer import (RunPlan, Schedule, StepLoss, TrainingMonitor, _remove_older_states, find_resume_checkpoint,
-                         load_resume_state, plot_main, plot_train_log, read_train_log, remove_stale_temporaries,
-                         save_atomic, state_path)
+from src.trainer import (RunPlan, Schedule, StepLoss, TrainingError, TrainingMonitor, _remove_older_states,
+                         find_resume_checkpoint, load_resume_state, plot_main, plot_train_log, read_train_log,
+                         remove_stale_temporaries, save_atomic, state_path)
 
 
 def schedule(**over: float) -> Schedule:
@@ -272,3 +272,64 @@ def test_plot_command_names_a_wrong_file_instead_of_a_traceback(tmp_path, capsys
     (run / "train_log.txt").write_text("# run header\nepoch 0 loss 5.0 ppl 148.4 lr 1e-3 time t elapsed 1 tokens 100\n"
                                        "epoch 1 loss 4.0 ppl 54.6 lr 9e-4 time t elapsed 1 tokens 200\n")
     assert plot_main([str(run)]) == 0 and (run / "train_log.svg").is_file()   # a proj_dir works too
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_loss_stops_training_at_its_step(tmp_path: Path, bad: float) -> None:
+    """NaN and +-inf alike (an fp16 overflow gives inf): TrainingError naming the step, its mini-epoch and lr."""
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=1, epoch_steps=4, start_step=8,
+                   total_steps=40, epoch_save=1)
+    monitor = TrainingMonitor(plan, schedule(), header=[])
+    monitor._track(StepLoss.start(9, 1, 2e-4, torch.tensor([2.5, 0.0])))
+    with pytest.raises(TrainingError, match=rf"loss is {bad} at step 10 \(mini-epoch 2, lr 3\.000e-04\); nothing "
+                                            "was saved after it"):
+        monitor._track(StepLoss.start(10, 2, 3e-4, torch.tensor([bad, 0.0])))
+    assert monitor.epoch.steps == 1 and monitor.epoch.loss_sum == 2.5   # the bad loss is not averaged in
+
+
+def test_stop_request_of_any_rank_is_seen_in_the_rank_mean(tmp_path: Path) -> None:
+    """The stop flag travels as the rank mean of 0/1 flags: a SIGTERM to one rank of four gives 0.25,
+    which must stop every rank (at the step it arrived with), as a signal to all of them does."""
+    assert not StepLoss.start(3, 3, 0.0, torch.tensor([2.0])).stop_requested()      # no flag at all
+    assert not StepLoss.start(3, 3, 0.0, torch.tensor([2.0, 0.0])).stop_requested()
+    for mean in (0.25, 0.5, 1.0):
+        assert StepLoss.start(3, 3, 0.0, torch.tensor([2.0, mean])).stop_requested(), mean
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=2, world_size=4, epoch_steps=4, start_step=0,
+                   total_steps=40, epoch_save=1)
+    monitor = TrainingMonitor(plan, schedule(), header=[])
+    monitor._track(StepLoss.start(5, 5, 0.0, torch.tensor([2.0, 0.0])))
+    monitor._track(StepLoss.start(6, 6, 0.0, torch.tensor([2.0, 0.25])))
+    monitor._track(StepLoss.start(7, 7, 0.0, torch.tensor([2.0, 1.0])))
+    assert monitor._stop_at == 6
+
+
+def test_ranks_that_would_resume_differently_refuse_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank reads its own resume state: two ranks at the same step whose Adam moments are at another
+    warmup step (or one of them without moments at all) would train on different learning rates; the
+    start check compares those too, not only steps and batch sizes."""
+    plan = RunPlan(proj_dir=tmp_path, ctx_len=8, real_bsz=4, world_size=2, epoch_steps=4, start_step=8,
+                   total_steps=40, epoch_save=1)
+    state = {"format": 1, "step": 8, "warm_step": 8, "plan": plan.resume_key(), "world_size": 2,
+             "optimizer": {}, "deepspeed_dir": None}
+    monitor = TrainingMonitor(plan, schedule(), header=[], resume=state)
+    dist = torch.distributed
+    others: list[list[int]] = []
+
+    def all_gather(out: list[torch.Tensor], mine: torch.Tensor) -> None:
+        out[0].copy_(mine)
+        out[1].copy_(torch.tensor(others[-1], dtype=mine.dtype))
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    rank0 = SimpleNamespace(device=torch.device("cpu"))
+    others.append([8, 40, 4, 4, 8, 8, 1])            # the same start: fine
+    monitor._check_ranks_agree(None, rank0)
+    others.append([8, 40, 4, 4, 8, 5, 1])            # another warmup step
+    with pytest.raises(TrainingError, match=r"rank 0 at step 8 of 40 \(exact resume, warmup step 8\).*rank 1 at "
+                                            r"step 8 of 40 \(exact resume, warmup step 5\)"):
+        monitor._check_ranks_agree(None, rank0)
+    others.append([8, 40, 4, 4, 8, 8, 0])            # no optimizer state on rank 1
+    with pytest.raises(TrainingError, match=r"rank 1 at step 8 of 40 \(weights only, warmup step 8\)"):
+        monitor._check_ranks_agree(None, rank0)

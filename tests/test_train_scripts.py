@@ -105,6 +105,7 @@ def _clean_env() -> dict[str, str]:
     ({"CPUINFO": "amx", "CPU_PRECISION": "fp32"}, "cpu fp32 auto"),
     ({"CPUINFO": "plain", "CPU_PRECISION": "bf16", "STRATEGY": "ddp"}, "cpu bf16 ddp"),
     ({"CPUINFO": "amx", "ACCELERATOR": "gpu"}, "gpu bf16 deepspeed_stage_2"),
+    ({"CPUINFO": "plain", "ACCELERATOR": "gpu", "PRECISION": "fp16", "STRATEGY": "ddp"}, "gpu fp16 ddp"),
 ])
 def test_machine_defaults(tmp_path: Path, env: dict[str, str], expected: str) -> None:
     """The demo scripts' shared defaults: bf16 on CPUs with AMX bf16 units, fp32 on others; what the
@@ -177,3 +178,8 @@ def test_demo_scripts_default_to_the_published_flags_and_take_every_setting_from
     for name in ("demo-training-run.sh", "demo-training-run-sft.sh"):
         flags, _ = script_argv(tmp_path, name, **over)
         assert {k: flags[f"--{k.lower()}"] for k in over} == over, name
+        # settings named otherwise than their flags (the published values, 1 and 1, hide a mix-up)
+        flags, _ = script_argv(tmp_path, name, N_NODE="2", GPU_PER_NODE="4", M_BSZ="8", EPOCH_STEPS="7")
+        assert [flags[k] for k in ("--num_nodes", "--devices", "--micro_bsz", "--epoch_steps")] == ["2", "4", "8", "7"]
+    sft, _ = script_argv(tmp_path, "demo-training-run-sft.sh", SFT_WHOLE_SEQ="1")
+    assert sft["--sft_whole_seq"] == "1"
