@@ -427,7 +427,52 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _stop_aware_child_observer() -> type | None:
+    """Lightning's launcher (--devices N without torchrun or SLURM: rank 0 starts ranks 1..N-1) runs a
+    thread in rank 0 that polls the child ranks every 5 s and SIGKILLs rank 0 and all of them as soon as
+    one has exited with a nonzero status, so that a crashed rank cannot leave the others hanging in a
+    collective. A SIGTERM stop (TrainingStopped) ends every rank at the same step with 128 + 15, after its
+    last collective: a child rank that is out before rank 0 (rank 0 writes the log, prints, tears down)
+    got rank 0 killed whenever the poll fell in between, exit -9 instead of 143. This observer counts
+    that status as a finished child, like 0; any other nonzero status ends the run as Lightning's does.
+    None where Lightning has no such observer (private names: a Lightning version may rename them)."""
+    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
+    observer = getattr(fabric_launcher, "_ChildProcessObserver", None)
+    if observer is None or not callable(getattr(observer, "_run", None)):
+        return None
+    stopped = 128 + signal.SIGTERM
+
+    class StopAwareObserver(observer):
+        def _run(self) -> bool:
+            codes = [proc.poll() for proc in self._child_processes]
+            if all(code in (0, stopped) for code in codes):
+                return True                      # every child is done: nothing left to watch
+            if any(code not in (None, 0, stopped) for code in codes):
+                return super()._run()            # a crash: Lightning's message, and it ends every rank
+            return False
+
+    return StopAwareObserver
+
+
+def _watch_child_ranks_but_not_their_stop() -> None:
+    """Make Lightning's DDP/DeepSpeed launcher start `_stop_aware_child_observer` instead of its own."""
+    from pytorch_lightning.strategies.launchers import subprocess_script as launcher
+    current = getattr(launcher, "_launch_process_observer", None)
+    if current is None or getattr(current, "stop_aware", False):
+        return
+    observer = _stop_aware_child_observer()
+    if observer is None:
+        return
+
+    def launch_observer(child_processes: list) -> None:
+        observer(child_processes=child_processes, main_pid=os.getpid()).start()
+
+    launch_observer.stop_aware = True
+    launcher._launch_process_observer = launch_observer
+
+
 def build_trainer(args: argparse.Namespace, max_steps: int, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
+    _watch_child_ranks_but_not_their_stop()
     if args.precision == "tf32" and args.accelerator == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -94,6 +94,12 @@ def test_seeded_sampling_is_reproducible():
 def test_sampling_frequencies_follow_temperature_and_nucleus():
     logits = torch.tensor([-50.0, 2.0, 1.0, 0.0, -1.0, -3.0])
     n = 20000
+    # A frequency of n draws has sd <= sqrt(0.25 / n) = 0.0035: atol 0.025 is 7 sd, so a right sampler
+    # fails with probability < 2e-12 over all 17 frequencies checked here, whatever the seed (the seeds
+    # keep it deterministic; a torch whose generator gives other numbers must not fail it either: 0.015
+    # was 4.2 sd, 6e-5). The bugs this catches move a frequency by 0.1 or more: temperature ignored or
+    # inverted (0.2-0.43 at T 0.5 and 2), the nucleus's inside not tempered (0.11), a banned or
+    # out-of-nucleus id drawn (counted exactly).
     for temperature in (1.0, 0.5, 2.0):
         cfg = SamplingConfig(temperature=temperature, top_p=1.0, presence_penalty=0, frequency_penalty=0)
         s = Sampler(6, cfg, seed=3)
@@ -102,7 +108,7 @@ def test_sampling_frequencies_follow_temperature_and_nucleus():
         expected[0] = 0  # banned
         expected /= expected.sum()
         assert counts[0] == 0
-        torch.testing.assert_close(counts / n, expected, rtol=0, atol=0.015)
+        torch.testing.assert_close(counts / n, expected, rtol=0, atol=0.025)
     # nucleus on the untempered distribution, then temperature inside it: top_p 0.8 keeps ids 1..2
     p = torch.softmax(logits, 0)
     assert p[1] < 0.8 < p[1] + p[2]
@@ -110,7 +116,7 @@ def test_sampling_frequencies_follow_temperature_and_nucleus():
     counts = torch.bincount(torch.tensor([s.sample(logits) for _ in range(n)]), minlength=6)
     assert counts[3:].sum() == 0 and counts[0] == 0
     inside = torch.softmax(logits[1:3] / 2.0, 0)
-    torch.testing.assert_close(counts[1:3] / n, inside, rtol=0, atol=0.015)
+    torch.testing.assert_close(counts[1:3] / n, inside, rtol=0, atol=0.025)
 
 
 def test_greedy_and_tiny_temperature_pick_the_best_allowed_token():
