@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 import train
-from tests.test_train_run import (CTX, MICRO_BSZ, MODEL, as_flags, largest_magic_prime, tiny_flags,
+from tests.test_train_run import (CTX, MICRO_BSZ, MODEL, as_flags, largest_magic_prime, tiny_flags, wait_for_file,
                                   write_progressions)
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 from src.trainer import read_train_log
@@ -173,8 +173,7 @@ def test_sigterm_stops_both_ranks_together_and_the_rerun_resumes_exactly(tmp_pat
                                 env={**env, "RANK0_OUTLIVES_RANK1": "1"},
                                 start_new_session=True)   # its own process group: both ranks
         try:
-            while not (proj / "rwkv-1.pth").exists() and proc.poll() is None:
-                time.sleep(0.005)
+            wait_for_file(proj / "rwkv-1.pth", proc)
             os.killpg(proc.pid, signal.SIGTERM)
             rc = proc.wait(timeout=300)
         finally:

@@ -103,14 +103,22 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until `path` exists or `proc` has ended; a run that hangs fails the test instead of stalling it."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.005)
+
+
 def run_and_kill(args: list[str], when: Path, timeout: float = 300) -> None:
     """Run train.py with `args` in its own process and SIGKILL it (no clean-up at all) once `when` exists."""
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not when.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    try:
+        wait_for_file(when, proc, timeout)
+    finally:
+        proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
 
@@ -277,8 +285,7 @@ def test_sigterm_stops_with_exit_status_143_and_says_where_it_continues(tmp_path
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while not (proj / "rwkv-1.pth").exists() and proc.poll() is None:
-            time.sleep(0.005)
+        wait_for_file(proj / "rwkv-1.pth", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -314,8 +321,7 @@ def test_sigterm_to_the_process_group_with_a_dataloader_worker(tmp_path: Path) -
         proc = subprocess.Popen([sys.executable, "-c", WITH_A_WORKER, *tiny_flags(data, n, proj, epoch_count=10)],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            while not (proj / "rwkv-1.pth").exists() and proc.poll() is None:
-                time.sleep(0.005)
+            wait_for_file(proj / "rwkv-1.pth", proc)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=300)
         finally:
