@@ -438,3 +438,18 @@ def test_cli_reports_a_problem_in_one_line_with_exit_status_2(data: tuple[Path, 
     prefix, n = data
     assert train.cli(tiny_flags(prefix, n, proj, micro_bsz=0)) == 2
     assert capsys.readouterr().err == "error: --micro_bsz must be >= 1, got 0\n"
+
+
+def test_cli_destroys_a_gloo_process_group_before_it_returns(data: tuple[Path, int], proj: Path) -> None:
+    """A CPU rank that leaves with its gloo group alive can abort at interpreter exit (gloo's threads still
+    hold tensors): cli() destroys the group on its way out, after an error too. One rank, in-process store."""
+    prefix, n = data
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(3))                  # the group has done work, as a training rank's has
+        assert train.cli(tiny_flags(prefix, n, proj, micro_bsz=0)) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
