@@ -218,18 +218,23 @@ class MakeDataResult:
     too_small: str | None  # the message when the data is too small for ctx_len
 
     # Both lines are shell words (the path quoted where it needs it: spaces, quotes, $), to paste as they are.
+    @property
+    def _data_file(self) -> str:
+        return shlex.quote(_display_path(self.prefix))
+
+    @property
+    def _data_type(self) -> str:
+        return "sft" if self.kind == "conversations" else "binidx"
+
     def flags(self) -> str:
-        data_file = shlex.quote(_display_path(self.prefix))
-        data_type = "sft" if self.kind == "conversations" else "binidx"
         p = self.magic_prime if self.too_small is None else None
         return (f"MY_EXIT_TOKENS={self.num_tokens} MAGIC_PRIME={p if p is not None else 'NONE'} "
-                f"DATA_FILE={data_file} DATA_TYPE={data_type} CTX_LEN={self.ctx_len}")
+                f"DATA_FILE={self._data_file} DATA_TYPE={self._data_type} CTX_LEN={self.ctx_len}")
 
     def train_args(self) -> str:
-        data_type = "sft" if self.kind == "conversations" else "binidx"
         prime = "" if self.too_small is not None else f" --magic_prime {self.magic_prime}"
-        return (f"--my_exit_tokens {self.num_tokens}{prime} --data_file {shlex.quote(_display_path(self.prefix))} "
-                f"--data_type {data_type} --ctx_len {self.ctx_len}")
+        return (f"--my_exit_tokens {self.num_tokens}{prime} --data_file {self._data_file} "
+                f"--data_type {self._data_type} --ctx_len {self.ctx_len}")
 
 
 def _display_path(p: Path) -> str:

@@ -116,8 +116,9 @@ def test_sft_mask_lines_up_with_assistant_tokens(tmp_path):
     assert sorted(seen) == sorted(by_text)
 
 
-def sft_texts(prefix: Path) -> list[str]:
-    tok = load_tokenizer()
+def sft_texts(prefix: Path, tokenizer: Path | None = None) -> list[str]:
+    """Each document decoded back to its text (the end-of-document 0 left out)."""
+    tok = load_tokenizer(tokenizer)
     return [tok.decode(d[:-1], skip_special_tokens=False) for d in docs_of(prefix)]
 
 
@@ -154,8 +155,7 @@ def test_sft_rendering_is_minimind2s_chat_template(tmp_path):
     convs = [rand_conversation(rng) for _ in range(30)]
     src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in convs])
     make_data(src, 1, 4, tokenizer=MINIMIND2, out=tmp_path / "sft", progress=False)
-    tok = load_tokenizer(MINIMIND2)
-    got = [tok.decode(d[:-1], skip_special_tokens=False) for d in docs_of(tmp_path / "sft")]
+    got = sft_texts(tmp_path / "sft", MINIMIND2)
     assert sorted(got) == sorted(render(messages=c) for c in convs)
 
 

@@ -74,9 +74,7 @@ def read_record(rec: Path, rank: int, timeout: float = 120) -> dict:
     """RANK's record. The launching process (rank 0) does not wait for the rank it started: rank 1 may
     still be writing its record when the command has returned."""
     path = rec / f"rank{rank}.json"
-    deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_file(path, None, timeout)
     return json.loads(path.read_text())
 
 

@@ -103,10 +103,11 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Poll until `path` exists or `proc` has ended; a run that hangs fails the test instead of stalling it."""
+def wait_for_file(path: Path, proc: subprocess.Popen | None, timeout: float = 300) -> None:
+    """Poll until `path` exists or `proc` (if given) has ended; a run that hangs fails the test instead of
+    stalling it."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and proc.poll() is None:
+    while not path.exists() and (proc is None or proc.poll() is None):
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
         time.sleep(0.005)
 
