@@ -207,6 +207,9 @@ class MMapIndexedDatasetBuilder:
         sizes = np.asarray(sizes, dtype=np.int64)
         if int(sizes.sum()) != tokens.size or (sizes < 0).any():
             raise ValueError(f"sizes sum to {int(sizes.sum())} but {tokens.size} tokens were given")
+        if sizes.size and sizes.max() > np.iinfo(np.int32).max:  # .idx stores sizes as int32
+            raise ValueError(f"a document of {int(sizes.max())} tokens: binidx items hold at most 2**31 - 1; "
+                             "split it into several documents")
         if self._range is not None and tokens.size and (tokens.min() < self._range[0] or tokens.max() > self._range[1]):
             raise ValueError(f"token ids span {tokens.min()}..{tokens.max()}, outside {self.dtype}: "
                              "use a wider dtype (the vocab does not fit)")

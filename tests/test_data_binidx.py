@@ -128,6 +128,14 @@ def test_tokens_outside_the_dtype_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_documents_past_the_int32_item_size_are_refused(tmp_path):
+    huge = np.broadcast_to(np.uint16(7), (2**31,))  # 2**31 tokens, one element of memory
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1; split it"):
+        with MMapIndexedDatasetBuilder(tmp_path / "h", np.uint16) as b:
+            b.add_documents(huge, np.array([2**31]))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def good(tmp_path):
     with MMapIndexedDatasetBuilder(tmp_path / "g", np.uint16) as b:

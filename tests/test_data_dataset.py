@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -236,3 +238,98 @@ def test_datasets_pickle_without_copying_data(tmp_path):
     again = pickle.loads(blob)
     for i in (0, 5, 17):
         assert all(torch.equal(a, b) for a, b in zip(ds[i], again[i]))
+
+
+# ------------------------------------------------------------------- beyond 2**32 tokens (sparse files)
+def sparse_binidx(prefix, sizes: list[int], with_mask: bool) -> int:
+    """PREFIX.idx written field by field (SPEC layout, uint16) for items of `sizes` tokens; .bin (and .mask)
+    as sparse files of the right length, all zeros until the test writes into them. Returns the token count."""
+    n = len(sizes)
+    sz = np.asarray(sizes, dtype=np.int64)
+    pointers = np.concatenate(([0], np.cumsum(sz[:-1]))) * 2
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, 8, n, n + 1))
+        f.write(sz.astype("<i4").tobytes() + pointers.astype("<i8").tobytes()
+                + np.arange(n + 1, dtype="<i8").tobytes())
+    total = int(sz.sum())
+    for ext, nbytes in ((".bin", 2 * total), (".mask", total))[:2 if with_mask else 1]:
+        with open(f"{prefix}{ext}", "wb") as f:
+            f.truncate(nbytes)
+    return total
+
+
+def put(path, offset: int, values: np.ndarray) -> None:
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), values.tobytes(), offset)
+
+
+@pytest.fixture
+def sparse_ok(tmp_path):
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        f.truncate(1 << 30)
+    sparse = probe.stat().st_blocks * 512 < (1 << 20)
+    probe.unlink()
+    if not sparse:
+        pytest.skip(f"{tmp_path}'s filesystem has no sparse files: the test would write 9 GB")
+
+
+BIG = [2**31 - 1, 2**31 - 1, 2**28]  # items as large as int32 sizes allow: 4.56e9 tokens, past 2**32
+
+
+def test_pretrain_windows_past_2_32_tokens(tmp_path, sparse_ok):
+    """sft_2048 has 2.4e9 tokens (SPEC): offsets past 2**31 (and 2**32) must be read where they are."""
+    prefix = tmp_path / "big"
+    total = sparse_binidx(prefix, BIG, with_mask=False)
+    ctx = 2048
+    ds = PretrainDataset(prefix, ctx, magic_prime(total, ctx))
+    starts = [ds.window_start(i) for i in range(0, SAMPLES_PER_EPOCH, 7)]
+    far = max(range(len(starts)), key=starts.__getitem__)
+    s = starts[far]
+    assert 2**32 < s <= total - ctx - 1
+    window = np.random.default_rng().integers(1, 6400, size=ctx + 1).astype("<u2")
+    put(f"{prefix}.bin", 2 * s, window)
+    x, y = ds[far * 7]
+    assert torch.equal(x, torch.from_numpy(window[:-1].astype(np.int64)))
+    assert torch.equal(y, torch.from_numpy(window[1:].astype(np.int64)))
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_sft_documents_past_2_32_tokens(tmp_path, sparse_ok, mode):
+    rng = np.random.default_rng()
+    ctx = 512
+    small = rng.integers(5, 1500, size=60).tolist()  # some longer than the window
+    prefix = tmp_path / "big"
+    total = sparse_binidx(prefix, BIG + small, with_mask=True)
+    base = sum(BIG)
+    tail = rng.integers(1, 6400, size=total - base).astype("<u2")   # the small documents' tokens and mask
+    tail_mask = rng.integers(0, 2, size=total - base).astype(np.uint8)
+    put(f"{prefix}.bin", 2 * base, tail)
+    put(f"{prefix}.mask", base, tail_mask)
+    ds = SFTDataset(prefix, ctx, mode=mode, n_epochs=1)
+    # the samples that start in the tail, worked out here: pack cuts greedily, pad takes each document alone
+    doc_starts = base + np.concatenate(([0], np.cumsum(small)[:-1]))
+    want = []
+    j = 0
+    while j < len(small):
+        want.append(int(doc_starts[j]))
+        if mode == "pad":
+            j += 1
+            continue
+        end, j = doc_starts[j] + ctx + 1, j + 1
+        while j < len(small) and doc_starts[j] + small[j] <= end:
+            j += 1
+    seen = {}
+    for i in range(len(ds)):
+        s = int(ds.starts[ds.sample_of(i)])
+        if s >= base:
+            seen.setdefault(s, i)
+    assert sorted(seen) == want
+    for s, i in seen.items():
+        k = int(np.searchsorted(doc_starts, s))
+        n = min(ctx + 1, small[k] if mode == "pad" else total - s)
+        tok, m = np.zeros(ctx + 1, dtype=np.int64), np.zeros(ctx + 1, dtype=np.uint8)
+        tok[:n], m[:n] = tail[s - base:s - base + n], tail_mask[s - base:s - base + n]
+        x, y, mask = ds[i]
+        assert torch.equal(x, torch.from_numpy(tok[:-1])) and torch.equal(y, torch.from_numpy(tok[1:]))
+        assert torch.equal(mask, torch.from_numpy(m[1:]))
