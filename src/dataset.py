@@ -50,6 +50,12 @@ def _check_layout(rank: int, world_size: int, micro_bsz: int, samples_per_epoch:
         raise ValueError(f"n_epochs must be >= 0, got {n_epochs}")
 
 
+def _check_index(i: int, n: int) -> None:
+    # The index math would happily go on into mini-epochs the dataset was not built for.
+    if not 0 <= i < n:
+        raise IndexError(f"sample {i} is outside this dataset's {n} samples (its n_epochs mini-epochs for this rank)")
+
+
 class PretrainDataset(Dataset):
     """Magic-prime sampler over data_file.bin; item i -> (x, y) LongTensors (ctx_len,)."""
 
@@ -80,6 +86,7 @@ class PretrainDataset(Dataset):
         return window_start(g + 1, self.magic_prime, self.ctx_len)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_index(i, len(self))
         s = self.window_start(i)
         w = torch.from_numpy(self.data.tokens[s:s + self.ctx_len + 1].astype(np.int64))  # (ctx_len+1,)
         return w[:-1], w[1:]
@@ -144,6 +151,7 @@ class SFTDataset(Dataset):
         return int(self.permutation(pass_no)[j])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_index(i, len(self))
         k = self.sample_of(i)
         s = int(self.starts[k])
         n = min(int(self.lengths[k]), self.data.num_tokens - s)  # real tokens; the rest is padding

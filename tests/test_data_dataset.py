@@ -228,6 +228,20 @@ def test_sft_without_mask_file(tmp_path):
         SFTDataset(prefix, 32, mode="stack", whole_sequence=True)
 
 
+def test_datasets_end_where_their_mini_epochs_end(tmp_path):
+    rng = np.random.default_rng()
+    write_random_bin(tmp_path / "p", 5000, rng)
+    sft = make_sft(tmp_path, 30, random.Random())
+    for ds in (PretrainDataset(tmp_path / "p", 16, magic_prime(5000, 16), rank=1, world_size=2, n_epochs=3,
+                               samples_per_epoch=40),
+               SFTDataset(sft, 32, rank=1, world_size=2, n_epochs=3, samples_per_epoch=40)):
+        assert len(ds) == 60
+        ds[59]
+        for i in (60, -1):
+            with pytest.raises(IndexError, match=f"sample {i} is outside this dataset's 60 samples"):
+                ds[i]
+
+
 def test_datasets_pickle_without_copying_data(tmp_path):
     import pickle
     prefix = make_sft(tmp_path, 50, random.Random())
