@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import sys
+import sysconfig
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,6 +204,13 @@ def check_machine(args: argparse.Namespace) -> None:
         if args.accelerator == "gpu" and importlib.util.find_spec("triton") is None:
             raise TrainingError("--compile 1 on a GPU needs triton (it ships with the CUDA/ROCm torch wheels): "
                                 "pip install triton, or use --compile 0")
+        # Inductor's CPU kernels and Triton's GPU launcher are C code built against Python.h, which a
+        # system Python (Debian/Ubuntu without python3-dev) lacks: the first step would fail in the compiler.
+        headers = Path(sysconfig.get_path("include")) / "Python.h"
+        if not headers.is_file():
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            raise TrainingError(f"--compile 1 needs the Python headers, and {headers} is missing: install them "
+                                f"for Python {version} (e.g. apt-get install python{version}-dev) or use --compile 0")
     if args.ds_bucket_mb <= 0:
         raise TrainingError(f"--ds_bucket_mb must be > 0, got {args.ds_bucket_mb}")
 

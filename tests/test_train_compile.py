@@ -72,6 +72,28 @@ def test_compile_flag_checks_for_a_compiler(monkeypatch: pytest.MonkeyPatch) -> 
         train.check_machine(args)
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+def test_compile_flag_checks_for_the_python_headers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     accelerator: str) -> None:
+    """A system Python without its -dev package: the compile would fail in the C compiler at the first
+    step; train.py says so before anything starts (triton's presence is not this test's business)."""
+    import importlib.util
+    import sysconfig
+
+    assert (Path(sysconfig.get_path("include")) / "Python.h").is_file()   # this venv has them: no error
+    train.check_machine(train.parse_args(["--accelerator", "cpu", "--compile", "1", "--precision", "fp32"]))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include" else None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())      # "triton is installed"
+    monkeypatch.setattr(train, "toolchain_problem", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)                   # for the gpu case
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    args = train.parse_args(["--accelerator", accelerator, "--compile", "1", "--precision", "fp32"])
+    with pytest.raises(TrainingError, match=f"--compile 1 needs the Python headers, and {tmp_path}/Python.h is "
+                                            r"missing: install them for Python 3\.\d+ \(e\.g\. apt-get install python3"):
+        train.check_machine(args)
+
+
 def test_compiled_bf16_gradients_are_finite_and_match_eager() -> None:
     """bf16 autocast (--precision bf16 on CPU) with compiling on, at T >= 128 (where inductor once
     produced NaN gradients when WKV7 was compiled too): gradients finite and close to eager ones."""
