@@ -116,6 +116,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--dim_att", type=int, default=0, help="0 = n_embd")
     a("--dim_ffn", type=int, default=0, help="0 = 4 * n_embd")
     a("--head_size", type=int, default=64, help="WKV head size N (heads = n_embd / head_size)")
+    # LoRA widths: SPEC's formula fits every checkpoint this repo makes; others (e.g. RWKV-7 models of
+    # n_embd 2048 with 96/96/64/256) need theirs to be fine-tuned (--load_model says which)
+    for name, mats in (("decay", "w1/w2"), ("aaa", "a1/a2"), ("mv", "v1/v2"), ("gate", "g1/g2")):
+        a(f"--d_{name}_lora", type=int, default=0, help=f"LoRA width of att.{mats}; 0 = SPEC's formula")
     a("--grad_cp", type=int, default=0, choices=(0, 1), help="1: gradient checkpointing (less memory, slower)")
     a("--wkv_impl", default="auto", choices=("auto", "cuda", "torch"), help="WKV7 implementation (src/wkv7)")
     a("--compile", type=int, default=0, choices=(0, 1),

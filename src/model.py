@@ -56,6 +56,9 @@ class ModelConfig:
             self.dim_att = self.n_embd
         if self.dim_ffn <= 0:
             self.dim_ffn = 4 * self.n_embd
+        for name in ("decay", "aaa", "mv", "gate"):
+            if getattr(self, f"d_{name}_lora") < 0:
+                raise ValueError(f"--d_{name}_lora {getattr(self, f'd_{name}_lora')} must be >= 0 (0 = SPEC's formula)")
         spec = lora_dims(self.n_embd, self.head_size)
         self.d_decay_lora = self.d_decay_lora or spec["decay"]
         self.d_aaa_lora = self.d_aaa_lora or spec["aaa"]

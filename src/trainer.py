@@ -212,6 +212,20 @@ def remove_stale_temporaries(proj_dir: Path, min_age_s: float = 60.0) -> list[Pa
     return removed
 
 
+LORA_FLAGS = {"w1": "--d_decay_lora", "a1": "--d_aaa_lora", "v1": "--d_mv_lora", "g1": "--d_gate_lora"}
+
+
+def lora_width_hint(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
+    """The flags that give the model the checkpoint's LoRA widths (layer 0's att.w1/a1/v1/g1 columns), where
+    they differ: checkpoints made elsewhere need not follow SPEC's formula."""
+    flags = []
+    for mat, flag in LORA_FLAGS.items():
+        key = f"blocks.0.att.{mat}"
+        if key in sd and key in own and sd[key].dim() == 2 and sd[key].shape[1] != own[key].shape[1]:
+            flags.append(f"{flag} {sd[key].shape[1]}")
+    return f"\nIts LoRA widths differ from SPEC's formula: add {' '.join(flags)}" if flags else ""
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a plain state_dict checkpoint into `model`, or raise TrainingError saying which tensor differs."""
     try:
@@ -226,7 +240,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise TrainingError(f"checkpoint {path} does not fit the model built from the flags "
-                            f"(--n_layer/--n_embd/--head_size/--vocab_size/--dim_ffn):\n  {shown}")
+                            f"(--n_layer/--n_embd/--head_size/--vocab_size/--dim_ffn):\n  {shown}"
+                            + lora_width_hint(sd, own))
     model.load_state_dict(sd, strict=True)
 
 

@@ -193,6 +193,27 @@ def test_checkpoint_of_another_shape_names_the_tensor(data: tuple[Path, int], pr
     rejected(tiny_flags(prefix, n, proj, n_layer=3), r"blocks.2.ln1.weight: not in the checkpoint", proj)
 
 
+def test_checkpoint_with_other_lora_widths_names_the_flags(data: tuple[Path, int], tmp_path: Path) -> None:
+    """A checkpoint made elsewhere whose LoRA widths are not SPEC's formula (RWKV-7 models of n_embd 2048 use
+    96/96/64/256 where the formula gives 128/128/64/224): the error gives the flags, and with them it trains."""
+    from src.model import RWKV, ModelConfig
+
+    prefix, n = data
+    theirs = tmp_path / "theirs.pth"
+    model = RWKV(ModelConfig(**MODEL, d_decay_lora=64, d_gate_lora=96))   # formula at n_embd 64: 32 each
+    torch.save(model.state_dict(), theirs)
+    proj = tmp_path / "ft"
+    rejected(tiny_flags(prefix, n, proj, load_model=theirs, epoch_count=1),
+             r"(?s)blocks.0.att.w1: checkpoint \[64, 64\] vs model \[64, 32\].*\n"
+             r"Its LoRA widths differ from SPEC's formula: add --d_decay_lora 64 --d_gate_lora 96$", proj)
+    assert train.main(tiny_flags(prefix, n, proj, load_model=theirs, epoch_count=1, d_decay_lora=64,
+                                 d_gate_lora=96)) == 0
+    final = torch.load(proj / "rwkv-final.pth", weights_only=True)
+    assert final["blocks.1.att.w1"].shape == (64, 64) and final["blocks.1.att.g2"].shape == (96, 64)
+    with pytest.raises(ValueError, match="--d_mv_lora -32 must be >= 0"):
+        ModelConfig(**MODEL, d_mv_lora=-32)
+
+
 def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
     prefix, n = data
     rejected(tiny_flags(prefix, n, proj, micro_bsz=0), r"--micro_bsz must be >= 1, got 0", proj)
