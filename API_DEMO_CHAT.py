@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from src.rnn import CheckpointError, RWKV_RNN, State
 from src.sampling import Sampler, SamplingConfig
-from src.tokenizer import DEFAULT_SYSTEM, EOT_ID, IM_END_ID, chat_prompt, load_tokenizer
+from src.tokenizer import DEFAULT_SYSTEM, EOT_ID, IM_END_ID, chat_prompt, load_tokenizer, model_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESET_COMMAND = "+reset"
@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="rwkv-*.pth checkpoint (a plain x070 state_dict)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or a folder holding one (default: the repo's data/tokenizer/)")
+                   help="tokenizer.json or a folder holding one (default: the tokenizer.json that training put "
+                        "beside --model, else the repo's data/tokenizer/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -212,10 +213,11 @@ def chat_loop(session: ChatSession) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        args.tokenizer = model_tokenizer(args.tokenizer, args.model)
         session = build_session(args)
         m = session.model
-        print(f"RWKV-7 L{m.n_layer}-D{m.n_embd} vocab {m.vocab_size} from {m.path} on {m.device} ({m.dtype})",
-              file=sys.stderr)
+        print(f"RWKV-7 L{m.n_layer}-D{m.n_embd} vocab {m.vocab_size} from {m.path} on {m.device} ({m.dtype}), "
+              f"tokenizer {args.tokenizer}", file=sys.stderr)
         if args.prompt is not None:
             if not args.prompt.strip():
                 raise ValueError("--prompt is empty: give the message to answer, e.g. --prompt \"Hi\"")

@@ -47,6 +47,7 @@ from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
 from src.dataset import PretrainDataset, SFTDataset
 from src.model import RWKV, ModelConfig
 from src.sampler import SAMPLES_PER_EPOCH
+from src.tokenizer import copy_tokenizer, data_tokenizer_file, model_tokenizer_file, same_tokenizer
 from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor, TrainingStopped,
                          find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
 from src.wkv7.kernel import toolchain_problem
@@ -341,6 +342,23 @@ def find_start(args: argparse.Namespace) -> tuple[Path, int, bool]:
 # Build
 # ----------------------------------------------------------------------------------------------
 
+def carry_tokenizer(args: argparse.Namespace, start: Path) -> None:
+    """Put the tokenizer make_data used (DATA_FILE.tokenizer.json) beside the checkpoints, where the chat and
+    eval find it. A start checkpoint or proj_dir holding another tokenizer learnt other token ids: stop."""
+    used = data_tokenizer_file(args.data_file)
+    if not used.is_file():   # data made elsewhere: the chat needs --tokenizer
+        return
+    own = Path(args.proj_dir) / "tokenizer.json"
+    for other in dict.fromkeys((model_tokenizer_file(start), own)):
+        if other.is_file() and not same_tokenizer(used, other):
+            raise TrainingError(f"{other} is not the tokenizer {args.data_file} was made with ({used}): the "
+                                f"model there learnt other token ids. Remake the data with that tokenizer "
+                                f"(data/make_data.py ... --tokenizer {other}), or delete {other} if the two "
+                                "tokenize alike")
+    if rank_zero_only.rank == 0 and not own.is_file():
+        copy_tokenizer(used, own)
+
+
 def build_model(args: argparse.Namespace) -> RWKV:
     try:
         return RWKV(ModelConfig.from_namespace(args))
@@ -530,6 +548,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
             "to train again)")
         return 0
     start, args.epoch_begin, own = find_start(args)
+    carry_tokenizer(args, start)
     start_step = args.epoch_begin * args.epoch_steps
     if start_step >= total_steps and not own:
         raise TrainingError(f"--epoch_begin {args.epoch_begin} starts at step {start_step}, past this run's "

@@ -11,7 +11,8 @@ kind; its first record decides which. Each record becomes one binidx item: its t
 document). The output holds N_EPOCH copies of the records, each copy in its own shuffled order (numpy
 PCG64 seeded with --seed, one permutation per copy). Every record is checked:
 decode(encode(text)) == text. SFT records also give PREFIX.mask: 1 on assistant content and its
-<|im_end|>, 0 elsewhere (the end-of-document 0 included).
+<|im_end|>, 0 elsewhere (the end-of-document 0 included). PREFIX.tokenizer.json is a copy of the
+tokenizer: train.py puts it beside the checkpoints, where the chat and eval find it.
 
 Built for files of many GB: one pass records the byte offset of every line (8+4 bytes per line),
 shuffles the offsets and reads the lines in that order; batches of lines are parsed and encoded by
@@ -40,10 +41,10 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from src.binidx import MMapIndexedDatasetBuilder
+from src.binidx import MMapIndexedDatasetBuilder, strip_suffix
 from src.sampler import magic_prime, too_small_message, windows
-from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, load_tokenizer,
-                           token_dtype)
+from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, copy_tokenizer, data_tokenizer_file,
+                           load_tokenizer, token_dtype, tokenizer_file)
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DATA_DIR.parent
@@ -372,6 +373,8 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
                 os.close(fd)
         bar.update(done, builder.num_tokens, final=True)
         num_tokens = builder.num_tokens
+    # The tokenizer goes with the data: train.py puts it beside the checkpoints, where the chat finds it.
+    copy_tokenizer(tokenizer_file(tokenizer), data_tokenizer_file(strip_suffix(prefix)))
     p = magic_prime(num_tokens, ctx_len)
     return MakeDataResult(prefix=prefix, kind=kind, num_tokens=num_tokens, num_docs=n_docs,
                           records=n_docs // n_epoch, skipped=len(bad_lines), dtype=dtype,
@@ -379,7 +382,7 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
 
 
 def report(r: MakeDataResult) -> str:
-    files = ".bin/.idx/.mask" if r.kind == "conversations" else ".bin/.idx"
+    files = ".bin/.idx/.mask/.tokenizer.json" if r.kind == "conversations" else ".bin/.idx/.tokenizer.json"
     what = "SFT" if r.kind == "conversations" else "pretrain"
     lines = [f"wrote {_display_path(r.prefix)}{{{files}}}: {r.num_tokens:,} tokens ({r.dtype}), "
              f"{r.num_docs:,} documents ({r.records:,} {what} records x {r.num_docs // max(r.records, 1)} epochs"

@@ -11,13 +11,14 @@ import torch
 
 from src.evaluate import DEFAULT_EVAL_PATH, evaluate
 from src.rnn import CheckpointError, RWKV_RNN
-from src.tokenizer import DEFAULT_SYSTEM, IM_END_ID, chat_prompt, load_tokenizer
+from src.tokenizer import DEFAULT_SYSTEM, IM_END_ID, chat_prompt, load_tokenizer, model_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="rwkv-*.pth checkpoint")
-    p.add_argument("--tokenizer", default=None, help="default: the repo's data/tokenizer/")
+    p.add_argument("--tokenizer", default=None,
+                   help="default: the tokenizer.json beside --model (training puts it there), else data/tokenizer/")
     p.add_argument("--eval", default=str(DEFAULT_EVAL_PATH), help="eval jsonl (prompt, answer, match)")
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system turn as in SFT ('' for none)")
     p.add_argument("--max_tokens", type=int, default=32)
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # decode is latency-bound; one thread avoids oversubscription on small CPUs
     try:
-        tok = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(model_tokenizer(args.tokenizer, args.model))
         model = RWKV_RNN(args.model)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"[eval] error: {e}", file=sys.stderr)

@@ -25,6 +25,10 @@ prompt side of the training data is tokenized exactly as the chat encodes `chat_
 """
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -41,7 +45,8 @@ ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM = "You are a helpful assistant"
 
 
-def _resolve_tokenizer_file(path: str | Path | None) -> Path:
+def tokenizer_file(path: str | Path | None) -> Path:
+    """The tokenizer.json that `path` (a file, a folder holding one, or None for the repo's default) names."""
     if path is None:
         path = DEFAULT_TOKENIZER_DIR
     path = Path(path)
@@ -61,7 +66,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     None loads the repo's default tokenizer (data/tokenizer/). The special-token layout is checked
     (ids 0/1/2 as above, encode adds nothing) so that make_data, training and chat agree.
     """
-    file = _resolve_tokenizer_file(path)
+    file = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception on bad JSON or an unknown format
@@ -81,6 +86,43 @@ def check_tokenizer(tok: Tokenizer, name: str | Path = "tokenizer") -> None:
     if ids[0] != IM_START_ID or ids[-1] != IM_END_ID or tok.encode("").ids:
         raise ValueError(f"{name}: encode() adds tokens of its own (a post-processor or template); "
                          "this project needs a tokenizer whose encode adds nothing")
+
+
+# ------------------------------------------------------------------- the tokenizer travels with the model
+# make_data writes the tokenizer it used beside the data (PREFIX.tokenizer.json), training puts it beside the
+# checkpoints (PROJ_DIR/tokenizer.json), and the chat and eval take it from the model's folder when no
+# --tokenizer is given: a model trained on MiniMind2's ids never chats through the repo's own tokenizer,
+# whose 6400 ids mean other text.
+def data_tokenizer_file(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.tokenizer.json")
+
+
+def model_tokenizer_file(checkpoint: str | Path) -> Path:
+    return Path(checkpoint).parent / "tokenizer.json"
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files hold the same tokenizer (whatever their layout)."""
+    return json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy a tokenizer.json atomically (temporary name in dst's folder, then os.replace)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def model_tokenizer(tokenizer: str | Path | None, checkpoint: str | Path) -> Path:
+    """The tokenizer to use with `checkpoint`: --tokenizer when given, else the tokenizer.json that training
+    left beside it, else the repo's default."""
+    if tokenizer is None and model_tokenizer_file(checkpoint).is_file():
+        tokenizer = model_tokenizer_file(checkpoint)
+    return tokenizer_file(tokenizer)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

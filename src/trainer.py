@@ -28,7 +28,8 @@ Files written into proj_dir (rank 0 writes; every file via a temporary name and 
 - rwkv-final.pth   weights once tokens reach my_exit_tokens;
 - train_log.txt    a header per run ("#" lines: date, resume source, every argument), then one line
                    per mini-epoch: `epoch E loss L ppl P lr LR time ISO elapsed S steps N tokens T ...`;
-- train_log.svg    the loss curve of train_log.txt, redrawn after each mini-epoch (`plot_train_log`).
+- train_log.svg    the loss curve of train_log.txt, redrawn after each mini-epoch (`plot_train_log`);
+- tokenizer.json   (train.py, before training) the tokenizer the data was made with, for the chat.
 A save killed before its rename leaves a `.rwkv-*.pth.<hex>.tmp` file, never read; the next run's
 start deletes those (`remove_stale_temporaries`).
 

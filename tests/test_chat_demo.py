@@ -184,6 +184,36 @@ def test_main_greedy_prompt_prints_the_greedy_reply(tiny, capsys):
     assert out == "".join(session.reply("hello")) + "\n"
 
 
+def test_main_takes_the_tokenizer_training_put_beside_the_model(tiny, tmp_path, capsys):
+    """No --tokenizer: the tokenizer.json beside --model (train.py copies make_data's there) encodes and decodes;
+    --tokenizer still wins. Here that file has two ids of the prompt's first token swapped: other token ids."""
+    import json
+    import shutil
+
+    from src.tokenizer import tokenizer_file
+
+    path, _ = tiny
+    vocab = json.loads(tokenizer_file(None).read_text(encoding="utf-8"))
+    ids = vocab["model"]["vocab"]
+    first = load_tokenizer(None).id_to_token(load_tokenizer(None).encode("hello").ids[0])
+    other = next(t for t, i in ids.items() if i == 500)
+    ids[first], ids[other] = ids[other], ids[first]
+    model = tmp_path / "rwkv-final.pth"
+    shutil.copy(path, model)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(vocab), encoding="utf-8")
+    beside = load_tokenizer(tmp_path / "tokenizer.json")
+    assert beside.encode("hello").ids != load_tokenizer(None).encode("hello").ids
+
+    args = ["--model", str(model), "--prompt", "hello", "--temperature", "0", "--max_tokens", "10"]
+    assert chat.main(args) == 0
+    out, err = capsys.readouterr()
+    session = chat.ChatSession(RWKV_RNN(model), beside, Sampler(6400, SamplingConfig(temperature=0)), DEFAULT_SYSTEM, 10)
+    assert out == "".join(session.reply("hello")) + "\n"
+    assert f"tokenizer {tmp_path / 'tokenizer.json'}" in err
+    assert chat.main([*args, "--tokenizer", str(tokenizer_file(None))]) == 0
+    assert f"tokenizer {tokenizer_file(None)}" in capsys.readouterr().err
+
+
 def test_cli_session_bans_endoftext_and_ids_the_tokenizer_lacks(tmp_path):
     """SPEC 5: token 0 is banned; a model vocab padded past the tokenizer's 6400 bans the ids it cannot
     decode too. Here the logits are the same for every input (ln_out.weight = 0) and put token 0 first

@@ -15,7 +15,7 @@ from tokenizers import normalizers
 from data.make_data import DATA_DIR, MakeDataError, default_out, make_data
 from src.binidx import MMapIndexedDataset, open_mask
 from src.sampler import magic_prime
-from src.tokenizer import DEFAULT_SYSTEM, IM_END, load_tokenizer, render_conversation
+from src.tokenizer import DEFAULT_SYSTEM, IM_END, load_tokenizer, render_conversation, tokenizer_file
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMIND2 = Path(__file__).resolve().parents[2] / "shared" / "minimind2_tokenizer"
@@ -167,6 +167,15 @@ def test_minimind2_tokenizer_folder_works(tmp_path):
     make_data(src, 1, 4, tokenizer=MINIMIND2, out=tmp_path / "p", progress=False)
     tok = load_tokenizer(MINIMIND2)
     assert Counter(tuple(d) for d in docs_of(tmp_path / "p")) == Counter(tuple(tok.encode(t).ids + [0]) for t in texts)
+    # the tokenizer goes with the data (train.py then puts it beside the checkpoints)
+    assert (tmp_path / "p.tokenizer.json").read_bytes() == (MINIMIND2 / "tokenizer.json").read_bytes()
+
+
+def test_the_tokenizer_goes_with_the_data(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"text": "a record"}] * 3)
+    make_data(src, 1, 2, out=tmp_path / "p.bin", progress=False)          # a prefix given with its suffix
+    assert (tmp_path / "p.tokenizer.json").read_bytes() == tokenizer_file(None).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.bin", "p.idx", "p.jsonl", "p.tokenizer.json"]
 
 
 def test_parallel_workers_write_identical_files(tmp_path):
@@ -238,7 +247,7 @@ def test_failure_keeps_previous_output(tmp_path):
     with pytest.raises(MakeDataError, match="a.jsonl:1000:"):
         make_data(src, 1, 2, out=tmp_path / "o", batch_size=64, progress=False)
     assert ((tmp_path / "o.bin").read_bytes(), (tmp_path / "o.idx").read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "o.bin", "o.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "o.bin", "o.idx", "o.tokenizer.json"]
 
 
 def test_too_small_for_ctx_is_reported(tmp_path):
@@ -251,7 +260,7 @@ def test_cli_default_output_goes_to_repo_data_dir(tmp_path):
     name = f"pytest_make_data_{random.randrange(1 << 30)}"
     src = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"record {i} 数据 🙂"} for i in range(200)])
     assert default_out(src) == REPO / "data" / name and DATA_DIR == REPO / "data"
-    outputs = [REPO / "data" / f"{name}.{ext}" for ext in ("bin", "idx")]
+    outputs = [REPO / "data" / f"{name}.{ext}" for ext in ("bin", "idx", "tokenizer.json")]
     try:
         p = subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), str(src), "2", "4", "--seed", "3"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -261,6 +270,7 @@ def test_cli_default_output_goes_to_repo_data_dir(tmp_path):
         assert f"MY_EXIT_TOKENS={n} MAGIC_PRIME={prime} DATA_FILE=data/{name} DATA_TYPE=binidx" in p.stdout
         assert "records/s" in p.stderr and "tokens/s" in p.stderr
         assert not list(tmp_path.glob(f"{name}.bin"))
+        assert all(f.is_file() for f in outputs)
     finally:
         for f in outputs:
             f.unlink(missing_ok=True)

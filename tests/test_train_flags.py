@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -212,6 +213,44 @@ def test_checkpoint_with_other_lora_widths_names_the_flags(data: tuple[Path, int
     assert final["blocks.1.att.w1"].shape == (64, 64) and final["blocks.1.att.g2"].shape == (96, 64)
     with pytest.raises(ValueError, match="--d_mv_lora -32 must be >= 0"):
         ModelConfig(**MODEL, d_mv_lora=-32)
+
+
+def test_the_tokenizer_goes_beside_the_checkpoints_and_another_one_stops(tmp_path: Path) -> None:
+    """make_data's PREFIX.tokenizer.json ends up in proj_dir (the chat takes it from there); data made with
+    another tokenizer than a start checkpoint's (or proj_dir's) stops before training."""
+    import json
+
+    from src.tokenizer import copy_tokenizer, data_tokenizer_file, tokenizer_file
+
+    prefix = tmp_path / "d"
+    n = write_progressions(prefix, seed=8)
+    plain = tmp_path / "plain"        # data without a tokenizer beside it (made elsewhere): nothing to carry
+    assert train.main(["--train_stage", "1", "--proj_dir", str(plain), "--precision", "fp32", *as_flags(MODEL)]) == 0
+    assert train.main(tiny_flags(prefix, n, plain, epoch_count=1)) == 0
+    assert not (plain / "tokenizer.json").exists()
+
+    default = tokenizer_file(None)
+    copy_tokenizer(default, data_tokenizer_file(prefix))
+    run = tmp_path / "run"
+    assert train.main(tiny_flags(prefix, n, run, load_model=plain / "rwkv-final.pth", epoch_count=1)) == 0
+    assert (run / "tokenizer.json").read_bytes() == default.read_bytes()
+
+    vocab = json.loads(default.read_text(encoding="utf-8"))
+    a, b = list(vocab["model"]["vocab"])[300:302]                       # two ids swapped: other token ids
+    vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = vocab["model"]["vocab"][b], vocab["model"]["vocab"][a]
+    data_tokenizer_file(prefix).write_text(json.dumps(vocab), encoding="utf-8")
+    ft = tmp_path / "ft"
+    rejected(tiny_flags(prefix, n, ft, load_model=run / "rwkv-final.pth", epoch_count=1),
+             rf"{run}/tokenizer.json is not the tokenizer {prefix} was made with \({prefix}.tokenizer.json\): the "
+             rf"model there learnt other token ids.*--tokenizer {run}/tokenizer.json\), or delete", ft)
+    shutil.copytree(run, ft)           # continuing in a proj_dir that holds the other tokenizer: the same stop
+    (ft / "rwkv-final.pth").rename(ft / "rwkv-0.pth")
+    (ft / "train_log.txt").unlink()
+    rejected(tiny_flags(prefix, n, ft, epoch_count=2), rf"{ft}/tokenizer.json is not the tokenizer", ft)
+
+    vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = vocab["model"]["vocab"][b], vocab["model"]["vocab"][a]
+    data_tokenizer_file(prefix).write_text(json.dumps(vocab), encoding="utf-8")   # same tokenizer, other layout
+    assert train.main(tiny_flags(prefix, n, ft, epoch_count=2)) == 0
 
 
 def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
