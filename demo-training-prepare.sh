@@ -33,7 +33,8 @@ STRATEGY="${STRATEGY:-deepspeed_stage_2}"
 # PYTHON, and ACCELERATOR/PRECISION/STRATEGY when unset: one shared rule for the demo scripts.
 source scripts/machine_defaults.sh
 
-"$PYTHON" train.py --train_stage 1 --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
+# exec: train.py takes this shell's place, so a SIGTERM to the script (timeout, kill, a scheduler) reaches it
+exec "$PYTHON" train.py --train_stage 1 --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
   --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" --vocab_size "$VOCAB_SIZE" \
   --ctx_len "$CTX_LEN" --micro_bsz "$M_BSZ" --lr_init "$LR_INIT" --lr_final "$LR_FINAL" \
   --grad_cp "$GRAD_CP" --epoch_save "$EPOCH_SAVE" --num_nodes "$N_NODE" --devices "$GPU_PER_NODE" \

@@ -47,7 +47,8 @@ RANDOM_SEED="${RANDOM_SEED:--1}"
 # PYTHON, and ACCELERATOR/PRECISION/STRATEGY when unset: one shared rule for the demo scripts.
 source scripts/machine_defaults.sh
 
-"$PYTHON" train.py --train_stage 3 --proj_dir "$PROJ_DIR" --load_model "$LOAD_MODEL" --wandb "$WANDB" \
+# exec: train.py takes this shell's place, so a SIGTERM to the script (timeout, kill, a scheduler) reaches it
+exec "$PYTHON" train.py --train_stage 3 --proj_dir "$PROJ_DIR" --load_model "$LOAD_MODEL" --wandb "$WANDB" \
   --my_testing "$MODEL_TYPE" --n_layer "$N_LAYER" --n_embd "$N_EMBD" --head_size "$HEAD_SIZE" \
   --vocab_size "$VOCAB_SIZE" --ctx_len "$CTX_LEN" --micro_bsz "$M_BSZ" \
   --lr_init "$LR_INIT" --lr_final "$LR_FINAL" --warmup_steps "$WARMUP_STEPS" --beta1 "$BETA1" --beta2 "$BETA2" \

@@ -244,9 +244,10 @@ def check_data(args: argparse.Namespace) -> int:
     n, ctx = data.num_tokens, args.ctx_len
     right_p = sampler.magic_prime(n, ctx)
     right = f"--my_exit_tokens {n} --magic_prime {right_p}"
+    script = f"the demo scripts' MY_EXIT_TOKENS={n} MAGIC_PRIME={right_p}"
     if args.my_exit_tokens not in (0, n):
         raise TrainingError(f"--my_exit_tokens {args.my_exit_tokens} does not match {args.data_file} ({n} tokens): "
-                            f"use {right} for ctx_len {ctx} (or --my_exit_tokens 0 with --epoch_count)")
+                            f"use {right} for ctx_len {ctx} ({script}), or --my_exit_tokens 0 with --epoch_count")
     top = max_token(data)
     if top >= args.vocab_size:
         raise TrainingError(f"{args.data_file} holds token id {top} but --vocab_size is {args.vocab_size}: "
@@ -259,7 +260,7 @@ def check_data(args: argparse.Namespace) -> int:
         problem = sampler.magic_prime_problem(args.magic_prime, n, ctx)
         if problem is not None:
             raise TrainingError(f"--magic_prime {args.magic_prime} does not fit {args.data_file} ({n} tokens) at "
-                                f"ctx_len {ctx}: {problem}; use {right} (what data/make_data.py prints)")
+                                f"ctx_len {ctx}: {problem}; use {right} ({script}; what data/make_data.py prints)")
         if args.magic_prime != right_p:
             say(f"note: --magic_prime {args.magic_prime} is valid for {args.data_file}, though {right_p} "
                 f"(the largest) would visit {right_p - args.magic_prime} more windows")

@@ -49,6 +49,7 @@ TrainingStopped; train.py exits with 143. Nothing is saved for the unfinished mi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -72,7 +73,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
-from src.rnn import CheckpointError, load_error, read_state_dict
+from src.rnn import CheckpointError, config_from_state_dict, load_error, read_state_dict
 
 STATE_FORMAT = 1
 SPIKE_RATIO = 2.0                # loss > SPIKE_RATIO * running mean -> a spike warning
@@ -213,18 +214,32 @@ def remove_stale_temporaries(proj_dir: Path, min_age_s: float = 60.0) -> list[Pa
     return removed
 
 
-LORA_FLAGS = {"w1": "--d_decay_lora", "a1": "--d_aaa_lora", "v1": "--d_mv_lora", "g1": "--d_gate_lora"}
+SHAPE_FIELDS = ("n_layer", "n_embd", "head_size", "vocab_size", "dim_ffn", "d_decay_lora", "d_aaa_lora", "d_mv_lora",
+                "d_gate_lora")
 
 
-def lora_width_hint(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
-    """The flags that give the model the checkpoint's LoRA widths (layer 0's att.w1/a1/v1/g1 columns), where
-    they differ: checkpoints made elsewhere need not follow SPEC's formula."""
-    flags = []
-    for mat, flag in LORA_FLAGS.items():
-        key = f"blocks.0.att.{mat}"
-        if key in sd and key in own and sd[key].dim() == 2 and sd[key].shape[1] != own[key].shape[1]:
-            flags.append(f"{flag} {sd[key].shape[1]}")
-    return f"\nIts LoRA widths differ from SPEC's formula: add {' '.join(flags)}" if flags else ""
+def fitting_flags(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> str:
+    """What model the checkpoint `sd` holds and the train.py flags that build one of its shape, where they
+    differ from `model`'s (LoRA widths included: checkpoints made elsewhere need not follow SPEC's formula)."""
+    try:
+        theirs = config_from_state_dict(sd)
+    except CheckpointError:   # not a whole x070 checkpoint: the list of keys says enough
+        return ""
+    ours = model.cfg
+
+    def formula(cfg: Any) -> Any:   # dim_ffn and the LoRA widths that flags of 0 give at cfg's size
+        return dataclasses.replace(cfg, dim_ffn=0, d_decay_lora=0, d_aaa_lora=0, d_mv_lora=0, d_gate_lora=0)
+
+    def needed(f: str) -> bool:
+        if f in ("n_layer", "n_embd", "head_size", "vocab_size"):
+            return getattr(theirs, f) != getattr(ours, f)
+        # a derived size: a flag when the checkpoint's is not the formula's, or one given for this run is wrong
+        return getattr(theirs, f) != getattr(formula(theirs), f) or (
+            getattr(ours, f) != getattr(formula(ours), f) and getattr(ours, f) != getattr(theirs, f))
+
+    flags = [f"--{f} {getattr(theirs, f)}" for f in SHAPE_FIELDS if needed(f)]
+    return (f"\nThe checkpoint is L{theirs.n_layer}-D{theirs.n_embd} (head_size {theirs.head_size}, vocab "
+            f"{theirs.vocab_size}); to build its shape add: {' '.join(flags)}")
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -242,7 +257,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise TrainingError(f"checkpoint {path} does not fit the model built from the flags "
                             f"(--n_layer/--n_embd/--head_size/--vocab_size/--dim_ffn):\n  {shown}"
-                            + lora_width_hint(sd, own))
+                            + fitting_flags(sd, model))
     model.load_state_dict(sd, strict=True)
 
 
@@ -468,7 +483,7 @@ class TrainingMonitor(pl.Callback):
     def _where_it_continues(self) -> str:
         ckpt, n = find_resume_checkpoint(self.plan.proj_dir)
         return (f"it continues from {ckpt} (step {(n + 1) * self.plan.epoch_steps})" if ckpt is not None and n >= 0
-                else "nothing was saved in this run yet, so it starts again")
+                else "it starts again (nothing was saved in this run yet)")
 
     # ---- stop signal -------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -714,9 +729,12 @@ def plot_train_log(log_path: Path, svg_path: Path | None = None) -> Path:
 
 def plot_main(argv: list[str]) -> int:
     """`python -m src.trainer out/L8-D512-x070/train_log.txt ...`: write train_log.svg beside each log."""
+    usage = "usage: python -m src.trainer PROJ_DIR/train_log.txt ... (writes train_log.svg beside each)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not argv:
-        print("usage: python -m src.trainer PROJ_DIR/train_log.txt ... (writes train_log.svg beside each)",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     for arg in argv:
         path = Path(arg)

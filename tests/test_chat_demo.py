@@ -89,6 +89,36 @@ def test_greedy_reply_is_argmax_of_parallel_model_step_by_step(tiny):
     assert again.fed == session.fed
 
 
+def test_readme_inference_snippet(tiny, tmp_path):
+    """README's "Inference from Python" block, run as written on a tiny checkpoint (its path swapped in, with a
+    tokenizer.json beside it as training leaves one): it prints the greedy reply of the parallel model."""
+    import re
+    import shutil
+
+    from src.tokenizer import tokenizer_file
+
+    path, model64 = tiny
+    block = re.search(r"Inference from Python.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert 'path = "out/L8-D512-x070-sft2048/rwkv-final.pth"' in block
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(path, run_dir / "rwkv-final.pth")
+    shutil.copy(tokenizer_file(None), run_dir / "tokenizer.json")
+    code = block.replace("out/L8-D512-x070-sft2048/rwkv-final.pth", str(run_dir / "rwkv-final.pth"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok = load_tokenizer(None)
+    seq = tok.encode(chat_prompt("Hi, who are you?")).ids
+    reply: list[int] = []
+    with torch.no_grad():
+        while len(reply) < 100:
+            token = int(model64(torch.tensor([seq + reply]))[0, -1].argmax())
+            if token == IM_END_ID:
+                break
+            reply.append(token)
+    assert r.stdout == tok.decode(reply) + "\n"
+
+
 def test_greedy_reply_with_penalties_counts_every_token_of_the_reply(tiny):
     """Penalties grow over one reply (SPEC 5: counts decay by 0.996 per token, then the new token counts
     1): each greedy token is the argmax of the parallel model's logits minus presence + frequency *

@@ -74,8 +74,8 @@ def test_magic_prime_and_exit_tokens_must_match_the_data(data: tuple[Path, int],
     too_few = next_magic_prime(int(0.9 * windows) + 1, -1)
     rejected(tiny_flags(prefix, n, proj, magic_prime=too_few), rf"--magic_prime {too_few} does not fit .*covers only",
              proj)
-    rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n - 1), rf"--my_exit_tokens {n - 1} does not match.*{right}",
-             proj)
+    rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n - 1), rf"--my_exit_tokens {n - 1} does not match.*{right} "
+             rf"for ctx_len {CTX} \(the demo scripts' MY_EXIT_TOKENS={n} MAGIC_PRIME={p}\)", proj)
     # the same data at another ctx_len has another prime
     p64 = largest_magic_prime(n, 64)
     rejected(tiny_flags(prefix, n, proj, ctx_len=64), rf"--magic_prime {p} does not fit .* --magic_prime {p64}\b",
@@ -191,7 +191,11 @@ def test_checkpoint_of_another_shape_names_the_tensor(data: tuple[Path, int], pr
     prefix, n = data
     rejected(tiny_flags(prefix, n, proj, n_embd=128, head_size=32),
              r"does not fit the model .*\n  emb.weight: checkpoint \[64, 64\] vs model \[64, 128\]", proj)
-    rejected(tiny_flags(prefix, n, proj, n_layer=3), r"blocks.2.ln1.weight: not in the checkpoint", proj)
+    rejected(tiny_flags(prefix, n, proj, n_layer=3), r"(?s)blocks.2.ln1.weight: not in the checkpoint.*\n"
+             r"The checkpoint is L2-D64 \(head_size 32, vocab 64\); to build its shape add: --n_layer 2$", proj)
+    rejected(tiny_flags(prefix, n, proj, n_embd=128, head_size=64, vocab_size=97),
+             r"to build its shape add: --n_embd 64 --head_size 32 --vocab_size 64$", proj)
+    rejected(tiny_flags(prefix, n, proj, dim_ffn=512), r"to build its shape add: --dim_ffn 256$", proj)
 
 
 def test_checkpoint_with_other_lora_widths_names_the_flags(data: tuple[Path, int], tmp_path: Path) -> None:
@@ -206,7 +210,8 @@ def test_checkpoint_with_other_lora_widths_names_the_flags(data: tuple[Path, int
     proj = tmp_path / "ft"
     rejected(tiny_flags(prefix, n, proj, load_model=theirs, epoch_count=1),
              r"(?s)blocks.0.att.w1: checkpoint \[64, 64\] vs model \[64, 32\].*\n"
-             r"Its LoRA widths differ from SPEC's formula: add --d_decay_lora 64 --d_gate_lora 96$", proj)
+             r"The checkpoint is L2-D64 \(head_size 32, vocab 64\); to build its shape add: --d_decay_lora 64 "
+             r"--d_gate_lora 96$", proj)
     assert train.main(tiny_flags(prefix, n, proj, load_model=theirs, epoch_count=1, d_decay_lora=64,
                                  d_gate_lora=96)) == 0
     final = torch.load(proj / "rwkv-final.pth", weights_only=True)

@@ -358,7 +358,7 @@ def test_sigterm_while_fit_sets_up_still_exits_143(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", TERM_IN_SETUP, *tiny_flags(data, n, proj, epoch_count=10)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 128 + signal.SIGTERM, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "stopped by SIGTERM at step" in r.stderr and "nothing was saved in this run yet" in r.stderr
+    assert "stopped by SIGTERM at step" in r.stderr and "and it starts again (nothing was saved in this run yet)" in r.stderr
 
 
 def test_exact_resume_of_a_new_start_continues_its_warmup(tmp_path: Path) -> None:

@@ -250,7 +250,7 @@ def test_ctrl_c_says_where_a_rerun_continues(tmp_path: Path, capsys: pytest.Capt
     rank0 = SimpleNamespace(is_global_zero=True)
     (tmp_path / "rwkv-init.pth").write_bytes(b"x")
     monitor.on_exception(rank0, None, KeyboardInterrupt())
-    assert "interrupted at step 132; rerun the same command and nothing was saved in this run yet" in capsys.readouterr().out
+    assert "interrupted at step 132; rerun the same command and it starts again (nothing was saved in this run yet)" in capsys.readouterr().out
     (tmp_path / "rwkv-0.pth").write_bytes(b"x")
     (tmp_path / "rwkv-1.pth").write_bytes(b"x")
     monitor.on_exception(rank0, None, KeyboardInterrupt())
@@ -272,6 +272,9 @@ def test_plot_command_names_a_wrong_file_instead_of_a_traceback(tmp_path, capsys
     (run / "train_log.txt").write_text("# run header\nepoch 0 loss 5.0 ppl 148.4 lr 1e-3 time t elapsed 1 tokens 100\n"
                                        "epoch 1 loss 4.0 ppl 54.6 lr 9e-4 time t elapsed 1 tokens 200\n")
     assert plot_main([str(run)]) == 0 and (run / "train_log.svg").is_file()   # a proj_dir works too
+    capsys.readouterr()
+    assert plot_main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: python -m src.trainer")
+    assert plot_main([]) == 2 and capsys.readouterr().err.startswith("usage: python -m src.trainer")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from src.dataset import SFTDataset
 from src.model import RWKV, ModelConfig, lm_loss
 from src.trainer import read_train_log
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
+from tests.test_train_run import wait_for_file
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"N_LAYER": "2", "N_EMBD": "64", "HEAD_SIZE": "32", "CTX_LEN": "64"}
@@ -108,6 +110,31 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
     r = run_script("demo-training-run-sft.sh", tmp_path, PRETRAIN_DIR=str(pt), EPOCH_STEPS="2", M_BSZ="8",
                    CPUINFO=str(no_amx), **{k: sft[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME")})
     assert "nothing to train" in r.stdout and (ft / "rwkv-final.pth").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_script_stops_train_py(tmp_path: Path) -> None:
+    """`timeout`, `kill PID` and schedulers signal the script's own process: train.py must get it (the script
+    execs it), stop at a step end and exit 143. Before, bash died at once and train.py trained on, orphaned."""
+    pre = make_data(tmp_path, "pretrain", 400)
+    pt = tmp_path / "pt"
+    run_script("demo-training-prepare.sh", tmp_path, PROJ_DIR=str(pt), PRECISION="fp32", STRATEGY="auto")
+    env = {**os.environ, "PYTHON": sys.executable, **SIZES, "PROJ_DIR": str(pt), "M_BSZ": "8", "EPOCH_STEPS": "4",
+           "PRECISION": "fp32", **{k: pre[k] for k in ("DATA_FILE", "MY_EXIT_TOKENS", "MAGIC_PRIME", "DATA_TYPE")}}
+    proc = subprocess.Popen(["bash", str(REPO / "demo-training-run.sh")], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_file(pt / "rwkv-0.pth", proc)
+        proc.send_signal(signal.SIGTERM)                 # the script's pid only, as `kill PID` does
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 143, out[-3000:]
+        assert re.search(r"stopped by SIGTERM at step \d+; rerun the same command", out), out[-3000:]
+        assert not (pt / "rwkv-final.pth").exists()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)          # whatever is left of the session (nothing, with exec)
+        except ProcessLookupError:
+            pass
 
 
 def _clean_env() -> dict[str, str]:
