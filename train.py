@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -43,13 +44,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
 from src import sampler
-from src.binidx import BinIdxError, MMapIndexedDataset, open_mask
+from src.binidx import BinIdxError, MMapIndexedDataset, mask_file, open_mask, strip_suffix
 from src.dataset import PretrainDataset, SFTDataset
 from src.model import RWKV, ModelConfig
 from src.sampler import SAMPLES_PER_EPOCH
 from src.tokenizer import copy_tokenizer, data_tokenizer_file, model_tokenizer_file, same_tokenizer
 from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor, TrainingStopped,
-                         find_resume_checkpoint, load_resume_state, load_weights, save_atomic)
+                         find_resume_checkpoint, load_resume_state, load_weights, save_atomic, state_path)
 from src.wkv7.kernel import toolchain_problem
 
 PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
@@ -168,8 +169,17 @@ def check_machine(args: argparse.Namespace) -> None:
                  "magic_prime"):
         if getattr(args, flag) < 0:
             raise TrainingError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if not args.lr_init > 0 or args.lr_final < 0:
-        raise TrainingError(f"--lr_init must be > 0 and --lr_final >= 0 (got {args.lr_init}, {args.lr_final})")
+    if not (0 < args.lr_init < math.inf and 0 <= args.lr_final < math.inf):
+        raise TrainingError(f"--lr_init must be > 0 and --lr_final >= 0, both finite (got {args.lr_init}, {args.lr_final})")
+    if args.lr_final > args.lr_init:
+        say(f"note: --lr_final {args.lr_final} is above --lr_init {args.lr_init}: the lr rises over the run")
+    for flag in ("beta1", "beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise TrainingError(f"--{flag} must be in [0, 1), got {getattr(args, flag)} (published: 0.9 and 0.99)")
+    for flag in ("adam_eps", "weight_decay", "grad_clip"):
+        if not 0 <= getattr(args, flag) < math.inf:
+            raise TrainingError(f"--{flag} must be finite and >= 0, got {getattr(args, flag)}"
+                                + (" (0 turns clipping off)" if flag == "grad_clip" else ""))
     if args.train_stage == 1:
         return   # stage 1 only builds the model on the CPU: any machine and strategy will do
     if args.accelerator == "gpu" and not has_gpu:
@@ -254,6 +264,9 @@ def check_data(args: argparse.Namespace) -> int:
                             f"use --vocab_size {top + 1} or more (6400 for the MiniMind tokenizer), or remake "
                             "the data with the model's tokenizer")
     if args.data_type == "binidx":
+        if mask_file(data.prefix).is_file():
+            say(f"note: {args.data_file} is SFT data (it has a .mask): --data_type binidx pretrains on all of it; "
+                "--data_type sft trains on the replies only (DATA_TYPE=sft for the demo scripts)")
         small = sampler.too_small_message(n, ctx)
         if small is not None:
             raise TrainingError(f"{args.data_file}: {small}")
@@ -269,6 +282,10 @@ def check_data(args: argparse.Namespace) -> int:
         # SFT samples whole conversations and needs no prime; a wrong one still means wrong data or ctx_len.
         raise TrainingError(f"--magic_prime {args.magic_prime} does not match {args.data_file} ({n} tokens) at "
                             f"ctx_len {ctx}: --data_type sft does not use it; pass 0 or {right_p}")
+    cut = int((np.asarray(data.sizes) > ctx + 1).sum())
+    if cut:
+        say(f"note: {cut} of {len(data)} conversations in {args.data_file} are longer than ctx_len + 1 = {ctx + 1} "
+            "tokens: their ends are never trained (was the data made for a longer CTX_LEN?)")
     return SFTDataset(args.data_file, ctx, mode=args.sft_mode, whole_sequence=bool(args.sft_whole_seq)).n_samples
 
 
@@ -281,6 +298,9 @@ def max_token(data: MMapIndexedDataset, chunk: int = 1 << 26) -> int:
 def plan_epochs(args: argparse.Namespace, samples_per_pass: int) -> tuple[int, int]:
     """Fill args.real_bsz, args.epoch_steps, args.epoch_count; returns (total_steps, exit_tokens)."""
     args.real_bsz = args.num_nodes * args.devices * args.micro_bsz
+    if args.my_exit_tokens and args.epoch_count:
+        raise TrainingError(f"--epoch_count {args.epoch_count} with --my_exit_tokens {args.my_exit_tokens}: the run "
+                            "stops at my_exit_tokens, so epoch_count would do nothing; give one of them (the other 0)")
     if args.epoch_steps == 0:
         if SAMPLES_PER_EPOCH % args.real_bsz:
             raise TrainingError(
@@ -346,7 +366,7 @@ def find_start(args: argparse.Namespace) -> tuple[Path, int, bool]:
 def carry_tokenizer(args: argparse.Namespace, start: Path) -> None:
     """Put the tokenizer make_data used (DATA_FILE.tokenizer.json) beside the checkpoints, where the chat and
     eval find it. A start checkpoint or proj_dir holding another tokenizer learnt other token ids: stop."""
-    used = data_tokenizer_file(args.data_file)
+    used = data_tokenizer_file(strip_suffix(args.data_file))
     if not used.is_file():   # data made elsewhere: the chat needs --tokenizer
         return
     own = Path(args.proj_dir) / "tokenizer.json"
@@ -358,6 +378,17 @@ def carry_tokenizer(args: argparse.Namespace, start: Path) -> None:
                                 "tokenize alike")
     if rank_zero_only.rank == 0 and not own.is_file():
         copy_tokenizer(used, own)
+
+
+def check_writable(proj: Path) -> None:
+    """Fail now, not at the first save after a mini-epoch of compute, when proj_dir cannot take files."""
+    try:
+        proj.mkdir(parents=True, exist_ok=True)
+        probe = proj / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"--proj_dir {proj} cannot take files ({e.strerror or e}): give a writable folder") from e
 
 
 def build_model(args: argparse.Namespace) -> RWKV:
@@ -372,17 +403,18 @@ def write_init(args: argparse.Namespace) -> int:
     if args.random_seed >= 0:
         pl.seed_everything(args.random_seed)
     proj = Path(args.proj_dir)
-    proj.mkdir(parents=True, exist_ok=True)
+    ckpt, n = find_resume_checkpoint(proj)
+    if n >= 0 or (proj / "rwkv-final.pth").is_file():
+        held = ckpt.name if n >= 0 and ckpt is not None else "rwkv-final.pth"
+        raise TrainingError(f"{proj} holds a run ({held}): stage 2/3 continue it, not a new init, so stage 1 would "
+                            "only replace the run's rwkv-init.pth. Use another --proj_dir to start over")
+    check_writable(proj)
     model = build_model(args)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     path = proj / "rwkv-init.pth"
     save_atomic({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"stage 1: wrote {path} ({n_params:,} parameters, {str(dtype).replace('torch.', '')})")
-    ckpt, n = find_resume_checkpoint(proj)
-    if n >= 0:
-        say(f"note: {proj} also holds {ckpt.name if ckpt else ''}; stage 2/3 will continue from it, not from the new "
-              "init (use another --proj_dir to start over)")
     return 0
 
 
@@ -548,6 +580,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         say(f"nothing to train: {final} exists, this run has finished (delete it or use another --proj_dir "
             "to train again)")
         return 0
+    if args.warmup_steps >= total_steps:
+        say(f"note: --warmup_steps {args.warmup_steps} is not below this run's {total_steps} steps: the lr never "
+            "leaves warmup (it rises from 1% of --lr_init); use fewer")
     start, args.epoch_begin, own = find_start(args)
     carry_tokenizer(args, start)
     start_step = args.epoch_begin * args.epoch_steps
@@ -557,15 +592,24 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     plan = RunPlan(proj_dir=Path(args.proj_dir), ctx_len=args.ctx_len, real_bsz=args.real_bsz,
                    world_size=args.num_nodes * args.devices, epoch_steps=args.epoch_steps, start_step=start_step,
                    total_steps=total_steps, epoch_save=args.epoch_save,
-                   deepspeed=args.strategy.startswith("deepspeed"))
+                   deepspeed=args.strategy.startswith("deepspeed"),
+                   data=(str(Path(strip_suffix(args.data_file)).resolve()), args.data_type))
+    check_writable(plan.proj_dir)
     model = build_model(args)
-    load_weights(model, start)
+    try:
+        load_weights(model, start)
+    except TrainingError as e:
+        if not own:
+            raise
+        raise TrainingError(f"{e}\nIt is {plan.proj_dir}'s newest checkpoint: if it is damaged (a copy or a disk cut it "
+                            f"short), move it and {state_path(start).name} out of {plan.proj_dir} to continue from "
+                            "the one before") from e
+    resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
     if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth
         if rank_zero_only.rank == 0:
             save_atomic(model.state_dict(), final)
         say(f"nothing to train: {start} is at step {start_step} of {total_steps}; {final} holds the result")
         return 0
-    resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
     how = f"exact resume with {why}" if resume else f"weights only: {why}"
     say(f"stage {args.train_stage}: starting from {start} at mini-epoch {args.epoch_begin} "
         f"(step {start_step} of {total_steps}), {how}")

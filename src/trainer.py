@@ -133,6 +133,7 @@ class RunPlan:
     total_steps: int
     epoch_save: int
     deepspeed: bool = False   # DeepSpeed keeps its own optimizer state (sharded), torch's does not
+    data: tuple[str, str] = ("", "")   # (absolute data prefix, data_type): kept in the state, checked on resume
 
     @property
     def tokens_per_step(self) -> int:
@@ -179,21 +180,39 @@ def save_atomic(obj: Any, path: Path) -> None:
     containerised multi-node job may share), so concurrent writers of one file never mix their bytes.
     Created with mode 0o666 less the umask, as open() would: not tempfile.mkstemp, whose 0o600 would
     make every checkpoint readable by its owner only."""
+    def failed(e: BaseException) -> TrainingError:
+        return TrainingError(f"cannot write {path}: {_os_cause(e)}; nothing was written under that name and the "
+                             "files before it are intact: make room or fix the folder, then rerun the command")
+
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            f = open(tmp, "xb")   # "x": a new file (O_EXCL)
             break
-        except FileExistsError:
+        except FileExistsError:   # another writer's: never ours to remove
             continue
+        except OSError as e:
+            raise failed(e) from e
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError of its zip writer
+        raise failed(e) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _os_cause(e: BaseException) -> str:
+    """The operating system's reason (e.g. "No space left on device") from e or the errors it was raised from."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return load_error(e)
 
 
 _SAVE_TEMPORARY = re.compile(r"\.rwkv-[\w.-]+\.pth\.[0-9a-f]{16}\.tmp")
@@ -261,6 +280,33 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def check_resume_position(weights: Path, state: dict[str, Any], plan: RunPlan) -> None:
+    """Raise TrainingError unless resuming `weights` continues its run: at the sample where it stopped (a
+    changed --epoch_steps or batch size moves the mini-epoch boundaries, so the run would skip or repeat
+    data) and on data of the same type (an SFT command pointed at a pretraining proj_dir would continue the
+    pretraining's optimizer and schedule). Another data file of the same type gets a note."""
+    old = state["plan"]
+    saved, here = state["step"] * old["real_bsz"], plan.start_step * plan.real_bsz
+    mini_epochs = plan.start_step // plan.epoch_steps      # what rwkv-N.pth holds: N + 1 mini-epochs
+    # (a state whose step is not the end of as many of its own mini-epochs belongs to other weights: the
+    # plain "weights only" of load_resume_state says so)
+    if state["step"] == mini_epochs * old["epoch_steps"] and saved != here:
+        keep = old["epoch_steps"] * old["real_bsz"]
+        how = (f"--epoch_steps {keep // plan.real_bsz}" if keep % plan.real_bsz == 0 else
+               f"--epoch_steps {old['epoch_steps']} and a real_bsz of {old['real_bsz']}")
+        raise TrainingError(f"{weights} was saved after {saved} samples ({state['step']} steps of {old['real_bsz']}), "
+                            f"but these flags make mini-epochs of {plan.epoch_steps} steps of {plan.real_bsz}, so the "
+                            f"run would continue at sample {here} and skip or repeat data. Keep its mini-epochs of "
+                            f"{keep} samples ({how}), or start another --proj_dir with --load_model {weights}")
+    data_file, data_type = state.get("data") or ("", "")   # states written before the data was recorded: ""
+    if data_type and plan.data[1] and data_type != plan.data[1]:
+        raise TrainingError(f"{weights.parent} holds a run on {data_type} data ({data_file}); this command trains on "
+                            f"{plan.data[1]} data ({plan.data[0]}). Continue that run with its own data, or give "
+                            f"this one another --proj_dir (--load_model {weights} starts it from these weights)")
+    if data_file and plan.data[0] and data_file != plan.data[0]:
+        rank_zero_warn(f"{weights.name} was trained on {data_file}; its run continues on {plan.data[0]}")
+
+
 def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | None, str]:
     """The exact-resume state saved beside `weights`, or (None, why it cannot be used)."""
     path = state_path(weights)
@@ -273,6 +319,7 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         return None, f"{path.name} has format {found}, this code reads {STATE_FORMAT}"
+    check_resume_position(weights, state, plan)
     if state["plan"] != plan.resume_key():
         return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
     if state["step"] != plan.start_step:
@@ -568,7 +615,7 @@ class TrainingMonitor(pl.Callback):
         if with_state:
             state = {"format": STATE_FORMAT, "step": self.step, "warm_step": self.warm_step,
                      "plan": self.plan.resume_key(), "world_size": trainer.world_size, "optimizer": None,
-                     "deepspeed_dir": None}
+                     "deepspeed_dir": None, "data": list(self.plan.data)}
             if deepspeed:
                 ds_dir = path.with_suffix(".ds")
                 strategy.deepspeed_engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)

@@ -1,6 +1,7 @@
 """train.py rejects bad input with a message that names the problem and the fix, before any training."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -264,6 +265,107 @@ def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
     rejected(tiny_flags(prefix, n, proj, lr_init=0), r"--lr_init must be > 0", proj)
     rejected(tiny_flags(prefix, n, proj, my_testing="x060"), r"only the x070 .* is implemented", proj)
     rejected(tiny_flags(prefix, n, proj, n_embd=80), r"--n_embd 80 is not a multiple of --head_size 32", proj)
+    # optimizer numbers that torch.optim would refuse only once the model and the Trainer are built
+    rejected(tiny_flags(prefix, n, proj, lr_init="inf"), r"--lr_init must be > 0 and --lr_final >= 0, both finite", proj)
+    rejected(tiny_flags(prefix, n, proj, beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5", proj)
+    rejected(tiny_flags(prefix, n, proj, beta2=-0.5), r"--beta2 must be in \[0, 1\), got -0.5", proj)
+    rejected(tiny_flags(prefix, n, proj, adam_eps=-1), r"--adam_eps must be finite and >= 0, got -1.0", proj)
+    rejected(tiny_flags(prefix, n, proj, weight_decay=-0.1), r"--weight_decay must be finite and >= 0", proj)
+    rejected(tiny_flags(prefix, n, proj, grad_clip=-1), r"--grad_clip must be finite and >= 0, got -1.0 \(0 turns", proj)
+    rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n, epoch_count=2),
+             rf"--epoch_count 2 with --my_exit_tokens {n}: the run stops at my_exit_tokens", proj)
+
+
+def test_notes_on_settings_that_train_but_likely_not_as_meant(data: tuple[Path, int], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from data.make_data import make_data
+
+    prefix, n = data
+    args = train.parse_args(tiny_flags(prefix, n, tmp_path, lr_init=1e-4, lr_final=1e-3))
+    train.check_machine(args)
+    assert "note: --lr_final 0.001 is above --lr_init 0.0001: the lr rises over the run" in capsys.readouterr().out
+    # SFT data (it has a .mask) given as pretraining data; and conversations longer than the SFT ctx_len
+    convs = [{"conversations": [{"role": "user", "content": "hello " * k}, {"role": "assistant", "content": "hi"}]}
+             for k in (2, 3, 40, 50)] * 20
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    r = make_data(tmp_path / "c.jsonl", 1, 32, out=tmp_path / "c", progress=False)
+    train.check_data(train.parse_args(tiny_flags(tmp_path / "c", r.num_tokens, tmp_path, magic_prime=r.magic_prime,
+                                                 vocab_size=6400)))
+    assert f"note: {tmp_path / 'c'} is SFT data (it has a .mask): --data_type binidx pretrains on all of it" in \
+        capsys.readouterr().out
+    train.check_data(train.parse_args(tiny_flags(tmp_path / "c", r.num_tokens, tmp_path, data_type="sft",
+                                                 magic_prime=0, vocab_size=6400)))
+    assert (f"note: 40 of 80 conversations in {tmp_path / 'c'} are longer than ctx_len + 1 = 33 tokens: their ends "
+            "are never trained") in capsys.readouterr().out
+
+
+def test_stage_1_keeps_a_run_s_init(data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    assert train.main(tiny_flags(prefix, n, proj, epoch_count=1)) == 0
+    before = (proj / "rwkv-init.pth").read_bytes()
+    with pytest.raises(TrainingError, match=rf"{proj} holds a run \(rwkv-0.pth\): stage 2/3 continue it"):
+        train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)])
+    for name in ("rwkv-0.pth", "rwkv-0.state.pth"):
+        (proj / name).unlink()
+    with pytest.raises(TrainingError, match=rf"{proj} holds a run \(rwkv-final.pth\)"):
+        train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)])
+    assert (proj / "rwkv-init.pth").read_bytes() == before
+
+
+def test_unwritable_proj_dir_and_a_failed_save(data: tuple[Path, int], proj: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    prefix, n = data
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    rejected(tiny_flags(prefix, n, a_file / "run", load_model=proj / "rwkv-init.pth"),
+             rf"--proj_dir {a_file / 'run'} cannot take files \(Not a directory\): give a writable folder", a_file)
+    with pytest.raises(TrainingError, match="cannot take files"):
+        train.main(["--train_stage", "1", "--proj_dir", str(a_file / "run"), *as_flags(MODEL)])
+
+    def full_disk(obj, f, *a, **k):   # what torch.save's zip writer does on ENOSPC
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from e
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TrainingError, match=rf"cannot write {proj}/rwkv-0.state.pth: No space left on device; nothing was "
+                                            "written under that name and the files before it are intact"):
+        train.main(tiny_flags(prefix, n, proj, epoch_count=1))
+    assert not list(proj.glob(".*.tmp")) and not list(proj.glob("rwkv-0*"))   # no temporaries, nothing half-saved
+
+
+def test_resume_refuses_moved_mini_epochs_other_data_and_names_a_damaged_checkpoint(
+        data: tuple[Path, int], proj: Path) -> None:
+    prefix, n = data
+    assert train.main(tiny_flags(prefix, n, proj, epoch_count=2, my_exit_tokens=0)) == 0    # rwkv-0, rwkv-1, final
+    (proj / "rwkv-final.pth").unlink()
+    with pytest.raises(TrainingError, match=r"rwkv-1.pth was saved after 32 samples \(8 steps of 4\), but these "
+                                            r"flags make mini-epochs of 2 steps of 4.*\(--epoch_steps 4\)"):
+        train.main(tiny_flags(prefix, n, proj, epoch_steps=2, epoch_count=6))
+    # the same file as SFT data (an SFT command pointed at the pretraining's folder)
+    with pytest.raises(TrainingError, match=rf"{proj} holds a run on binidx data \({prefix}\); this command trains "
+                                            rf"on sft data \({prefix}\)"):
+        train.main(tiny_flags(prefix, n, proj, data_type="sft", sft_whole_seq=1, magic_prime=0, epoch_count=3))
+    # a newest checkpoint cut short (a copy interrupted): the error says how to continue from the one before
+    (proj / "rwkv-1.pth").write_bytes((proj / "rwkv-1.pth").read_bytes()[:100])
+    with pytest.raises(TrainingError, match=rf"(?s)cannot read {proj}/rwkv-1.pth.*\nIt is {proj}'s newest checkpoint: "
+                                            r"if it is damaged .* move it and rwkv-1.state.pth out of"):
+        train.main(tiny_flags(prefix, n, proj, epoch_count=3))
+
+
+def test_data_file_given_with_its_suffix_carries_the_tokenizer(data: tuple[Path, int], proj: Path,
+                                                               tmp_path: Path) -> None:
+    from src.tokenizer import copy_tokenizer, data_tokenizer_file, tokenizer_file
+
+    prefix, n = data
+    for ext in ("bin", "idx"):
+        shutil.copy(f"{prefix}.{ext}", tmp_path / f"d.{ext}")
+    copy_tokenizer(tokenizer_file(None), data_tokenizer_file(tmp_path / "d"))
+    assert train.main(tiny_flags(tmp_path / "d.bin", n, proj, epoch_count=1)) == 0
+    assert (proj / "tokenizer.json").read_bytes() == tokenizer_file(None).read_bytes()
 
 
 def test_token_ids_beyond_the_vocabulary(data: tuple[Path, int], proj: Path) -> None:
@@ -300,10 +402,10 @@ def test_sft_exit_tokens_mean_one_pass_over_the_samples(data: tuple[Path, int], 
     """SFT samples are padded or packed conversations, more tokens than the data's count: my_exit_tokens =
     that count trains one whole pass (every sample once); pretraining keeps the token count."""
     prefix, n = data
-    sft = train.parse_args(tiny_flags(prefix, n, proj, data_type="sft", my_exit_tokens=n, magic_prime=0))
+    sft = train.parse_args(tiny_flags(prefix, n, proj, data_type="sft", my_exit_tokens=n, magic_prime=0, epoch_count=0))
     steps, exit_tokens = train.plan_epochs(sft, samples_per_pass=1001)
     assert steps == math.ceil(1001 / sft.real_bsz) and exit_tokens == steps * sft.real_bsz * CTX
-    pre = train.parse_args(tiny_flags(prefix, n, proj, my_exit_tokens=n))
+    pre = train.parse_args(tiny_flags(prefix, n, proj, my_exit_tokens=n, epoch_count=0))
     assert train.plan_epochs(pre, samples_per_pass=1001) == (math.ceil(n / (pre.real_bsz * CTX)), n)
 
 

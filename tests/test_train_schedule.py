@@ -131,13 +131,31 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
              "optimizer": {}, "deepspeed_dir": None}
     save_atomic(state, state_path(weights))
     assert load_resume_state(weights, plan)[0] == state
-    save_atomic({**state, "plan": {**plan.resume_key(), "real_bsz": 8}}, state_path(weights))
-    got, why = load_resume_state(weights, plan)
+    # another batch size with mini-epochs of the same samples (the default epoch_steps, 40320 // real_bsz): the
+    # run continues at the right sample, with weights only
+    save_atomic({**state, "plan": {**plan.resume_key(), "real_bsz": 8, "epoch_steps": 5}}, state_path(weights))
+    halved = dataclasses.replace(plan, epoch_steps=10, start_step=20)
+    got, why = load_resume_state(weights, halved)
     assert got is None and "'real_bsz': 8" in why and "'real_bsz': 4" in why
-    # another mini-epoch length puts other samples at each step: the same real_bsz and ctx_len are not enough
-    other_epochs = dataclasses.replace(plan, epoch_steps=2)
-    got, why = load_resume_state(weights, other_epochs)
-    assert got is None and "'epoch_steps': 5" in why and "'epoch_steps': 2" in why
+    # a batch size or mini-epoch length that moves the mini-epoch boundaries would skip or repeat data: refused
+    with pytest.raises(TrainingError, match=r"rwkv-1.pth was saved after 80 samples \(10 steps of 8\), but these flags "
+                                            r"make mini-epochs of 5 steps of 4, so the run would continue at sample 40 "
+                                            r"and skip or repeat data. Keep its mini-epochs of 40 samples "
+                                            r"\(--epoch_steps 10\), or start another --proj_dir with --load_model"):
+        load_resume_state(weights, plan)
+    save_atomic(state, state_path(weights))
+    with pytest.raises(TrainingError, match=r"after 40 samples .* mini-epochs of 2 steps of 4, so the run would "
+                                            r"continue at sample 16 .* \(--epoch_steps 5\)"):
+        load_resume_state(weights, dataclasses.replace(plan, epoch_steps=2, start_step=4))
+    # the same data type on another file: a note; another data type: refused (an SFT command in a pretrain folder)
+    save_atomic({**state, "data": ["/d/pretrain", "binidx"]}, state_path(weights))
+    assert load_resume_state(weights, dataclasses.replace(plan, data=("/d/pretrain", "binidx")))[0] is not None
+    with pytest.warns(UserWarning, match="rwkv-1.pth was trained on /d/pretrain; its run continues on /d/more"):
+        assert load_resume_state(weights, dataclasses.replace(plan, data=("/d/more", "binidx")))[0] is not None
+    with pytest.raises(TrainingError, match=rf"{tmp_path} holds a run on binidx data \(/d/pretrain\); this command "
+                                            r"trains on sft data \(/d/sft\)\. Continue that run with its own data"):
+        load_resume_state(weights, dataclasses.replace(plan, data=("/d/sft", "sft")))
+    save_atomic(state, state_path(weights))
     # a state file that cannot be read (cut short) or holds something else: weights only, saying why
     state_path(weights).write_bytes(b"PK\x03\x04 cut short")
     got, why = load_resume_state(weights, plan)
