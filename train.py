@@ -584,6 +584,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         say(f"note: --warmup_steps {args.warmup_steps} is not below this run's {total_steps} steps: the lr never "
             "leaves warmup (it rises from 1% of --lr_init); use fewer")
     start, args.epoch_begin, own = find_start(args)
+    check_writable(Path(args.proj_dir))
     carry_tokenizer(args, start)
     start_step = args.epoch_begin * args.epoch_steps
     if start_step >= total_steps and not own:
@@ -594,7 +595,6 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
                    total_steps=total_steps, epoch_save=args.epoch_save,
                    deepspeed=args.strategy.startswith("deepspeed"),
                    data=(str(Path(strip_suffix(args.data_file)).resolve()), args.data_type))
-    check_writable(plan.proj_dir)
     model = build_model(args)
     try:
         load_weights(model, start)

@@ -249,7 +249,7 @@ def test_the_tokenizer_goes_beside_the_checkpoints_and_another_one_stops(tmp_pat
     rejected(tiny_flags(prefix, n, ft, load_model=run / "rwkv-final.pth", epoch_count=1),
              rf"{run}/tokenizer.json is not the tokenizer {prefix} was made with \({prefix}.tokenizer.json\): the "
              rf"model there learnt other token ids.*--tokenizer {run}/tokenizer.json\), or delete", ft)
-    shutil.copytree(run, ft)           # continuing in a proj_dir that holds the other tokenizer: the same stop
+    shutil.copytree(run, ft, dirs_exist_ok=True)   # a proj_dir holding the other tokenizer: the same stop
     (ft / "rwkv-final.pth").rename(ft / "rwkv-0.pth")
     (ft / "train_log.txt").unlink()
     rejected(tiny_flags(prefix, n, ft, epoch_count=2), rf"{ft}/tokenizer.json is not the tokenizer", ft)
