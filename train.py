@@ -170,7 +170,8 @@ def check_machine(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 0:
             raise TrainingError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if not (0 < args.lr_init < math.inf and 0 <= args.lr_final < math.inf):
-        raise TrainingError(f"--lr_init must be > 0 and --lr_final >= 0, both finite (got {args.lr_init}, {args.lr_final})")
+        raise TrainingError(f"--lr_init must be > 0 and --lr_final >= 0, both finite "
+                            f"(got {args.lr_init}, {args.lr_final})")
     if args.lr_final > args.lr_init:
         say(f"note: --lr_final {args.lr_final} is above --lr_init {args.lr_init}: the lr rises over the run")
     for flag in ("beta1", "beta2"):
@@ -601,9 +602,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     except TrainingError as e:
         if not own:
             raise
-        raise TrainingError(f"{e}\nIt is {plan.proj_dir}'s newest checkpoint: if it is damaged (a copy or a disk cut it "
-                            f"short), move it and {state_path(start).name} out of {plan.proj_dir} to continue from "
-                            "the one before") from e
+        raise TrainingError(f"{e}\nIt is {plan.proj_dir}'s newest checkpoint: if it is damaged (a copy or a disk "
+                            f"cut it short), move it and {state_path(start).name} out of {plan.proj_dir} to continue "
+                            "from the one before") from e
     resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
     if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth
         if rank_zero_only.rank == 0:

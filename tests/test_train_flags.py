@@ -266,12 +266,14 @@ def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
     rejected(tiny_flags(prefix, n, proj, my_testing="x060"), r"only the x070 .* is implemented", proj)
     rejected(tiny_flags(prefix, n, proj, n_embd=80), r"--n_embd 80 is not a multiple of --head_size 32", proj)
     # optimizer numbers that torch.optim would refuse only once the model and the Trainer are built
-    rejected(tiny_flags(prefix, n, proj, lr_init="inf"), r"--lr_init must be > 0 and --lr_final >= 0, both finite", proj)
+    rejected(tiny_flags(prefix, n, proj, lr_init="inf"), r"--lr_init must be > 0 and --lr_final >= 0, both finite",
+             proj)
     rejected(tiny_flags(prefix, n, proj, beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5", proj)
     rejected(tiny_flags(prefix, n, proj, beta2=-0.5), r"--beta2 must be in \[0, 1\), got -0.5", proj)
     rejected(tiny_flags(prefix, n, proj, adam_eps=-1), r"--adam_eps must be finite and >= 0, got -1.0", proj)
     rejected(tiny_flags(prefix, n, proj, weight_decay=-0.1), r"--weight_decay must be finite and >= 0", proj)
-    rejected(tiny_flags(prefix, n, proj, grad_clip=-1), r"--grad_clip must be finite and >= 0, got -1.0 \(0 turns", proj)
+    rejected(tiny_flags(prefix, n, proj, grad_clip=-1), r"--grad_clip must be finite and >= 0, got -1.0 \(0 turns",
+             proj)
     rejected(tiny_flags(prefix, n, proj, my_exit_tokens=n, epoch_count=2),
              rf"--epoch_count 2 with --my_exit_tokens {n}: the run stops at my_exit_tokens", proj)
 
@@ -331,8 +333,8 @@ def test_unwritable_proj_dir_and_a_failed_save(data: tuple[Path, int], proj: Pat
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from e
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(TrainingError, match=rf"cannot write {proj}/rwkv-0.state.pth: No space left on device; nothing was "
-                                            "written under that name and the files before it are intact"):
+    with pytest.raises(TrainingError, match=rf"cannot write {proj}/rwkv-0.state.pth: No space left on device; "
+                                            "nothing was written under that name and the files before it are intact"):
         train.main(tiny_flags(prefix, n, proj, epoch_count=1))
     assert not list(proj.glob(".*.tmp")) and not list(proj.glob("rwkv-0*"))   # no temporaries, nothing half-saved
 
