@@ -10,9 +10,10 @@ system message gets the default system turn "You are a helpful assistant" (--sys
 kind; its first record decides which. Each record becomes one binidx item: its tokens + token 0 (end of
 document). The output holds N_EPOCH copies of the records, each copy in its own shuffled order (numpy
 PCG64 seeded with --seed, one permutation per copy). Every record is checked:
-decode(encode(text)) == text. SFT records also give PREFIX.mask: 1 on assistant content and its
-<|im_end|>, 0 elsewhere (the end-of-document 0 included). PREFIX.tokenizer.json is a copy of the
-tokenizer: train.py puts it beside the checkpoints, where the chat and eval find it.
+decode(encode(text)) == text, and a conversation needs an assistant turn (what SFT learns). SFT records
+also give PREFIX.mask: 1 on assistant content and its <|im_end|>, 0 elsewhere (the end-of-document 0
+included). PREFIX.tokenizer.json is a copy of the tokenizer: train.py puts it beside the checkpoints,
+where the chat and eval find it.
 
 Built for files of many GB: one pass records the byte offset of every line (8+4 bytes per line),
 shuffles the offsets and reads the lines in that order; batches of lines are parsed and encoded by
@@ -30,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import signal
 import sys
 import time
 from collections import deque
@@ -52,7 +54,7 @@ _READ_BLOCK = 64 << 20  # bytes per read while indexing lines
 
 
 class MakeDataError(ValueError):
-    """Bad input: the message names the file and line and says what to do."""
+    """Bad input (or output that cannot be finished): the message names the file and line and says what to do."""
 
 
 @dataclass
@@ -115,6 +117,11 @@ def parse_record(line: bytes, kind: str | None,
         raise ValueError(f"record has neither 'text' (pretrain) nor 'conversations' (SFT); keys: {sorted(rec)[:8]}")
     if kind is not None and got != kind:
         raise ValueError(f"a '{got}' record in a file of '{kind}' records: one file holds one kind")
+    # SFT trains on the assistant replies only (the mask): without one the record adds tokens but no loss,
+    # and a file of such records trains at loss 0.
+    if got == "conversations" and not any(reply for _, reply in segments):
+        raise ValueError("no assistant turn: nothing to train on (SFT learns the assistant replies; "
+                         "a conversation needs at least one {\"role\": \"assistant\"} message)")
     return got, segments
 
 
@@ -189,6 +196,8 @@ _W: dict = {}
 
 
 def _worker_init(path: str, tokenizer: str | None, kind: str, system: str | None, threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the pool, workers need no traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker's tokenizer uses `threads` Rust threads, so K workers do not oversubscribe the cores.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     _W.update(fd=os.open(path, os.O_RDONLY), tok=load_tokenizer(tokenizer), kind=kind, system=system)
@@ -328,6 +337,9 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
         raise MakeDataError(f"--workers must be >= 1 (1 = encode in this process), got {workers}")
     if batch_size < 1:
         raise MakeDataError(f"--batch-size must be >= 1 (lines per encoding batch), got {batch_size}")
+    if out is not None and Path(out).is_dir():  # the prefix would be the folder's name: outdir.bin beside it
+        raise MakeDataError(f"--out {out} is a folder: give a prefix inside it, e.g. --out {Path(out) / path.stem} "
+                            f"(writes {Path(out) / path.stem}.bin/.idx)")
     prefix = Path(out) if out is not None else default_out(path)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.get_vocab_size())
@@ -374,7 +386,12 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
         bar.update(done, builder.num_tokens, final=True)
         num_tokens = builder.num_tokens
     # The tokenizer goes with the data: train.py puts it beside the checkpoints, where the chat finds it.
-    copy_tokenizer(tokenizer_file(tokenizer), data_tokenizer_file(strip_suffix(prefix)))
+    tok_src, tok_dst = tokenizer_file(tokenizer), data_tokenizer_file(strip_suffix(prefix))
+    try:
+        copy_tokenizer(tok_src, tok_dst)
+    except OSError as e:  # e.g. a disk the data just filled: the data is in place, main's 'nothing written' is not
+        raise MakeDataError(f"wrote {strip_suffix(prefix)}.bin/.idx but cannot write {tok_dst}: {e.strerror or e}; "
+                            f"copy {tok_src} there before training (train.py takes the tokenizer from it)") from e
     p = magic_prime(num_tokens, ctx_len)
     return MakeDataResult(prefix=prefix, kind=kind, num_tokens=num_tokens, num_docs=n_docs,
                           records=n_docs // n_epoch, skipped=len(bad_lines), dtype=dtype,
@@ -414,12 +431,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="SFT: system turn of a conversation without one, as MiniMind2's chat template and the chat "
                          "demo put first ('' = none; default %(default)r)")
     args = ap.parse_args(argv)
+    prefix = _display_path(strip_suffix(args.out if args.out is not None else default_out(args.jsonl)))
     try:
         r = make_data(args.jsonl, args.n_epoch, args.ctx_len, args.tokenizer, args.out, args.seed,
                       args.skip_bad, args.workers, args.batch_size, system=args.system or None)
     except (MakeDataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # reading the jsonl, or writing: a read-only folder, a full disk, a file-size limit
+        named = isinstance(e.filename, str)
+        if named and Path(e.filename).resolve() == args.jsonl.resolve():
+            print(f"error: cannot read {args.jsonl}: {e.strerror or e}", file=sys.stderr)
+        else:  # the builder removes its temporaries on any error; the final names come only at the very end
+            why = f"{e.strerror or e}" + (f" ({e.filename})" if named else "")
+            print(f"error: cannot write {prefix}.*: {why}; nothing was written under that name", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the builder and the worker pool cleaned up on the way out
+        print(f"\ninterrupted: nothing was written under {prefix}", file=sys.stderr)
+        return 130
     print(report(r))
     return 0
 

@@ -55,6 +55,12 @@ def mask_file(prefix: str | Path) -> Path:
     return Path(f"{prefix}.mask")
 
 
+def _not_found(path: Path) -> str:
+    """'data/x.idx not found (looked in /abs/data/x.idx)': a relative path is read against the current
+    directory, which may not be the one the user thinks (the demo scripts cd into the repo first)."""
+    return f"{path} not found" + ("" if path.is_absolute() else f" (looked in {os.path.abspath(path)})")
+
+
 def strip_suffix(path: str | Path) -> str:
     """'data/x.bin' or 'data/x.idx' -> 'data/x' (users often pass a file instead of the prefix)."""
     s = str(path)
@@ -81,8 +87,8 @@ class MMapIndexedDataset:
         idx, bin_ = index_file(self.prefix), data_file(self.prefix)
         for f in (idx, bin_):
             if not f.is_file():
-                raise BinIdxError(f"{f} not found: make it with `python3 data/make_data.py FILE.jsonl N_EPOCH CTX_LEN` "
-                                  "(the data prefix is the path without .bin/.idx)")
+                raise BinIdxError(f"{_not_found(f)}: make it with `python3 data/make_data.py FILE.jsonl N_EPOCH "
+                                  "CTX_LEN` (the data prefix is the path without .bin/.idx)")
         idx_size = idx.stat().st_size
         with open(idx, "rb") as f:
             head = f.read(HEADER.size)
@@ -162,7 +168,7 @@ def open_mask(prefix: str | Path, num_tokens: int) -> np.ndarray:
     """Memory-map PREFIX.mask (uint8 per token) and check it matches a .bin of num_tokens tokens."""
     path = mask_file(strip_suffix(prefix))
     if not path.is_file():
-        raise BinIdxError(f"{path} not found: SFT masks are written by data/make_data.py for records with "
+        raise BinIdxError(f"{_not_found(path)}: SFT masks are written by data/make_data.py for records with "
                           "'conversations' (remake the data from SFT jsonl), or train on whole sequences: "
                           "--sft_whole_seq 1 (SFT_WHOLE_SEQ=1 in demo-training-run-sft.sh)")
     size = path.stat().st_size
@@ -194,7 +200,12 @@ class MMapIndexedDatasetBuilder:
         if with_mask:
             self._tmp["mask"] = Path(f"{self.prefix}{tag}.mask")
         self._bin = open(self._tmp["bin"], "wb")
-        self._mask = open(self._tmp["mask"], "wb") if with_mask else None
+        try:
+            self._mask = open(self._tmp["mask"], "wb") if with_mask else None
+        except BaseException:  # no `with` block runs abort() for a builder that was never made
+            self._bin.close()
+            self._tmp["bin"].unlink(missing_ok=True)
+            raise
         self._sizes = array("i")
         self.num_tokens = 0
         self._done = False
@@ -264,9 +275,13 @@ class MMapIndexedDatasetBuilder:
 
     def abort(self) -> None:
         """Remove the temporary files; the final names are left as they were."""
-        self._bin.close()
-        if self._mask is not None:
-            self._mask.close()
+        for f in (self._bin, self._mask):
+            if f is None:
+                continue
+            try:
+                f.close()
+            except OSError:  # a full disk or a file-size limit fails the buffered bytes' flush again: they go anyway
+                pass
         for p in self._tmp.values():
             p.unlink(missing_ok=True)
         self._done = True

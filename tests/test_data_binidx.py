@@ -1,8 +1,10 @@
 """MMIDIDX files: exact byte layout, reader checks, atomic writer (src/binidx.py)."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -182,3 +184,34 @@ def test_files_reach_the_disk_before_they_get_their_names(tmp_path, monkeypatch)
         tmp = next(name for what, name in events if what == "replace" and name.endswith(f".{kind}"))
         assert events.index(("fsync", tmp)) < events.index(("replace", tmp)), events
     assert MMapIndexedDataset(tmp_path / "d")[0].tolist() == [5, 6, 0]
+
+
+def test_write_failures_leave_no_temporaries(tmp_path):
+    """A full disk (the temporaries are made /dev/full here): the bytes still buffered failed again at abort()'s
+    close(), which then left the temporaries and raised a second error. A mask that cannot be opened left the .bin."""
+    tag = f"tmp-{os.getpid()}"   # the builder's temporary names
+    if Path("/dev/full").exists():
+        for ext in ("bin", "mask"):
+            (tmp_path / f"f.{tag}.{ext}").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            with MMapIndexedDatasetBuilder(tmp_path / "f", np.uint16, with_mask=True) as b:
+                b.add_document(np.arange(10), np.ones(10))   # buffered: finalize()'s flush meets the full disk
+        assert e.value.errno == errno.ENOSPC and e.value.__context__ is None
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / f"m.{tag}.mask").mkdir()
+    with pytest.raises(IsADirectoryError):
+        MMapIndexedDatasetBuilder(tmp_path / "m", np.uint16, with_mask=True)
+    assert [p.name for p in tmp_path.iterdir()] == [f"m.{tag}.mask"]
+
+
+def test_a_relative_path_not_found_says_where_it_looked(tmp_path, monkeypatch):
+    """The demo scripts cd into the repo first: 'data/x.idx not found' alone may be read against another folder."""
+    monkeypatch.chdir(tmp_path)
+    where = Path.cwd() / "data" / "x"
+    with pytest.raises(BinIdxError, match="^" + re.escape(f"data/x.idx not found (looked in {where}.idx): make it "
+                                                           "with `python3 data/make_data.py FILE.jsonl")):
+        MMapIndexedDataset("data/x")
+    with pytest.raises(BinIdxError, match="^" + re.escape(f"data/x.mask not found (looked in {where}.mask): SFT")):
+        open_mask("data/x.bin", 3)
+    with pytest.raises(BinIdxError, match="^" + re.escape(f"{where}.idx not found: make it with")):   # absolute
+        MMapIndexedDataset(where)

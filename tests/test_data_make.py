@@ -1,8 +1,11 @@
 """data/make_data.py: jsonl -> binidx (+ SFT mask), in-process and as the CLI."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 from tokenizers import normalizers
 
-from data.make_data import DATA_DIR, MakeDataError, default_out, make_data
+import data.make_data as make_data_module
+from data.make_data import DATA_DIR, MakeDataError, default_out, main, make_data
 from src.binidx import MMapIndexedDataset, open_mask
 from src.sampler import magic_prime
 from src.tokenizer import DEFAULT_SYSTEM, IM_END, load_tokenizer, render_conversation, tokenizer_file
@@ -189,6 +193,8 @@ def test_parallel_workers_write_identical_files(tmp_path):
 
 
 GOOD = json.dumps({"text": "fine"})
+SFT_GOOD = json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+NO_REPLY = json.dumps({"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]})
 
 
 @pytest.mark.parametrize("lines, bad_line, match", [
@@ -200,6 +206,8 @@ GOOD = json.dumps({"text": "fine"})
     ([GOOD, json.dumps({"text": 5})], 2, "must be a string"),
     ([GOOD, json.dumps(["text"])], 2, "JSON object"),
     ([GOOD, json.dumps({"text": "bad \ud800 surrogate"})], 2, "cannot be encoded"),
+    ([SFT_GOOD, NO_REPLY], 2, "no assistant turn: nothing to train on"),
+    ([NO_REPLY, SFT_GOOD], 1, "no assistant turn: nothing to train on"),   # the first record decides the kind
 ])
 def test_bad_records_name_file_and_line_and_leave_nothing(tmp_path, lines, bad_line, match):
     src = tmp_path / "in.jsonl"
@@ -215,6 +223,101 @@ def test_skip_bad_counts_and_keeps_the_rest(tmp_path):
     src.write_text("\n".join([GOOD, "{oops", json.dumps({"x": 1}), json.dumps({"text": "more"})]) + "\n")
     r = make_data(src, 2, 1, out=tmp_path / "o", skip_bad=True, progress=False)
     assert r.skipped == 2 and r.records == 2 and r.num_docs == 4
+
+
+def test_conversations_without_an_assistant_turn_are_bad_records(tmp_path):
+    """Nothing to train on (mask all 0): a file of them used to train at loss 0. --skip-bad leaves them out and
+    counts them; a conversation that ends with a user turn after a reply stays (that last turn is context)."""
+    trailing = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"}]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"conversations": trailing}, {"conversations": trailing[:1]},
+                                              {"conversations": [{"role": "system", "content": "s"}]}])
+    with pytest.raises(MakeDataError, match=r"in\.jsonl:2: no assistant turn: nothing to train on .*--skip-bad"):
+        make_data(src, 1, 4, out=tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    r = make_data(src, 2, 4, out=tmp_path / "o", skip_bad=True, progress=False)
+    assert r.skipped == 2 and r.records == 1 and r.num_docs == 2
+    assert sft_texts(tmp_path / "o") == [render_conversation(trailing, DEFAULT_SYSTEM)] * 2
+    d = MMapIndexedDataset(tmp_path / "o")
+    ids, mask = d[0].tolist(), open_mask(tmp_path / "o", d.num_tokens)[:len(d[0])].tolist()
+    assert load_tokenizer().decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == "a1" + IM_END
+    # a file of nothing but such records
+    only = write_jsonl(tmp_path / "only.jsonl", [{"conversations": trailing[:1]}] * 3)
+    with pytest.raises(MakeDataError, match=r"only\.jsonl:1: no assistant turn"):
+        make_data(only, 1, 4, out=tmp_path / "p", progress=False)
+    with pytest.raises(MakeDataError, match=r"only\.jsonl: no usable record"):
+        make_data(only, 1, 4, out=tmp_path / "p", skip_bad=True, progress=False)
+    assert not list(tmp_path.glob("p*"))
+
+
+def test_out_that_is_a_folder_asks_for_a_prefix_inside_it(tmp_path, capsys):
+    """--out outdir/ used to write outdir.bin/.idx beside the folder."""
+    src = write_jsonl(tmp_path / "pre.jsonl", [{"text": "hello"}] * 3)
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    with pytest.raises(MakeDataError, match="^" + re.escape(f"--out {outdir} is a folder: give a prefix inside it, "
+                                                            f"e.g. --out {outdir / 'pre'} (writes {outdir / 'pre'}.bin")):
+        make_data(src, 1, 2, out=outdir, progress=False)
+    assert main([str(src), "1", "2", "--out", f"{outdir}/", "--workers", "1"]) == 1
+    assert capsys.readouterr().err == f"error: --out {outdir} is a folder: give a prefix inside it, e.g. --out " \
+                                      f"{outdir / 'pre'} (writes {outdir / 'pre'}.bin/.idx)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "pre.jsonl"] and not list(outdir.iterdir())
+    make_data(src, 1, 2, out=outdir / "pre", progress=False)   # what it suggests
+    assert MMapIndexedDataset(outdir / "pre").num_tokens > 0
+
+
+def test_cli_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys):
+    """An OSError while writing was a traceback. A folder that cannot be made (a file in its way: tests run as
+    root, whom chmod does not stop) and a full disk (the builder's temporary .bin is made /dev/full)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"record {i}"} for i in range(50)])
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path.resolve() / "afile" / "sub" / "o"
+    assert main([str(src), "1", "4", "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}.*: Not a directory (") and err.count("\n") == 1
+    assert err.endswith("; nothing was written under that name\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.jsonl"]
+    if not Path("/dev/full").exists():
+        return
+    (tmp_path / f"o.tmp-{os.getpid()}.bin").symlink_to("/dev/full")   # the builder's temporary name (src/binidx.py)
+    assert main([str(src), "1", "4", "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
+    err = capsys.readouterr().err   # after the progress line: the disk is found full at the last flush
+    assert err.endswith(f"\nerror: cannot write {tmp_path.resolve() / 'o'}.*: {os.strerror(errno.ENOSPC)}; "
+                        "nothing was written under that name\n") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.jsonl"]   # the temporary went too
+
+
+def test_a_tokenizer_that_cannot_be_written_says_the_data_was(tmp_path):
+    """The data is in place by then: the message must not say that nothing was written."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 3)
+    (tmp_path / "o.tokenizer.json").mkdir()   # os.replace cannot put the copy there
+    with pytest.raises(MakeDataError, match=r"^wrote .*o\.bin/\.idx but cannot write .*o\.tokenizer\.json: "
+                                            r"Is a directory; copy .*tokenizer\.json there before training"):
+        make_data(src, 1, 2, out=tmp_path / "o", progress=False)
+    assert MMapIndexedDataset(tmp_path / "o").num_tokens > 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C was a KeyboardInterrupt traceback. Here it comes while the temporary .bin holds two batches."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"record {i}"} for i in range(100)])
+    real, calls = make_data_module.encode_lines, []
+
+    def encode_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            assert list(tmp_path.glob("o.tmp-*.bin"))
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(make_data_module, "encode_lines", encode_then_interrupt)
+    try:
+        rc = main([str(src), "2", "4", "--out", str(tmp_path / "o"), "--workers", "1", "--batch-size", "10"])
+    except KeyboardInterrupt:   # not out of the test: pytest would stop the whole run
+        pytest.fail("main() let the KeyboardInterrupt through")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"\ninterrupted: nothing was written under {tmp_path.resolve() / 'o'}\n") and len(calls) == 3
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_empty_and_all_bad_files(tmp_path):
