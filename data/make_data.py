@@ -255,6 +255,13 @@ def _display_path(p: Path) -> str:
         return str(p)
 
 
+def _out_prefix(value: str) -> Path:
+    """--out as a Path; one ending in '/' names a folder, which Path() would quietly turn into a prefix beside it."""
+    if value.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{value} names a folder: give a prefix inside it, e.g. {value}pretrain")
+    return Path(value)
+
+
 def default_out(jsonl: Path) -> Path:
     return DATA_DIR / jsonl.stem
 
@@ -421,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("ctx_len", type=int, help="training context length (for magic_prime)")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="tokenizer.json or its folder (default: the repo's data/tokenizer/)")
-    ap.add_argument("--out", type=Path, default=None, help="output prefix (default: data/<jsonl stem>)")
+    ap.add_argument("--out", type=_out_prefix, default=None, help="output prefix (default: data/<jsonl stem>)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed (default %(default)s)")
     ap.add_argument("--skip-bad", action="store_true", help="leave bad records out (counted) instead of stopping")
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),

@@ -258,12 +258,17 @@ def test_out_that_is_a_folder_asks_for_a_prefix_inside_it(tmp_path, capsys):
     with pytest.raises(MakeDataError, match="^" + re.escape(f"--out {outdir} is a folder: give a prefix inside it, "
                                                             f"e.g. --out {outdir / 'pre'} (writes {outdir / 'pre'}.bin")):
         make_data(src, 1, 2, out=outdir, progress=False)
-    assert main([str(src), "1", "2", "--out", f"{outdir}/", "--workers", "1"]) == 1
+    assert main([str(src), "1", "2", "--out", str(outdir), "--workers", "1"]) == 1
     assert capsys.readouterr().err == f"error: --out {outdir} is a folder: give a prefix inside it, e.g. --out " \
                                       f"{outdir / 'pre'} (writes {outdir / 'pre'}.bin/.idx)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "pre.jsonl"] and not list(outdir.iterdir())
     make_data(src, 1, 2, out=outdir / "pre", progress=False)   # what it suggests
     assert MMapIndexedDataset(outdir / "pre").num_tokens > 0
+    with pytest.raises(SystemExit) as e:    # a folder that does not exist yet: the trailing / says what was meant
+        main([str(src), "1", "2", "--out", f"{tmp_path}/newdir/"])
+    assert e.value.code == 2 and f"--out: {tmp_path}/newdir/ names a folder: give a prefix inside it, e.g. " \
+                                 f"{tmp_path}/newdir/pretrain" in capsys.readouterr().err
+    assert not (tmp_path / "newdir.bin").exists()
 
 
 def test_cli_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys):
