@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import math
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -364,30 +365,35 @@ def find_start(args: argparse.Namespace) -> tuple[Path, int, bool]:
 # Build
 # ----------------------------------------------------------------------------------------------
 
-def carry_tokenizer(args: argparse.Namespace, start: Path) -> None:
-    """Put the tokenizer make_data used (DATA_FILE.tokenizer.json) beside the checkpoints, where the chat and
-    eval find it. A start checkpoint or proj_dir holding another tokenizer learnt other token ids: stop."""
+def tokenizer_to_carry(args: argparse.Namespace, start: Path) -> Path | None:
+    """The tokenizer to put beside this run's checkpoints, where the chat and eval find it: the one make_data
+    used (DATA_FILE.tokenizer.json), else the start checkpoint's (data made elsewhere or before make_data
+    wrote one). A start checkpoint or proj_dir holding another tokenizer than the data's learnt other token
+    ids: stop. Nothing is written here (the start may still be refused)."""
     used = data_tokenizer_file(strip_suffix(args.data_file))
-    if not used.is_file():   # data made elsewhere: the chat needs --tokenizer
-        return
-    own = Path(args.proj_dir) / "tokenizer.json"
-    for other in dict.fromkeys((model_tokenizer_file(start), own)):
-        if other.is_file() and not same_tokenizer(used, other):
+    theirs = model_tokenizer_file(start)
+    if not used.is_file():
+        return theirs if theirs.is_file() else None
+    for other in dict.fromkeys((theirs, Path(args.proj_dir) / "tokenizer.json")):
+        try:
+            differs = other.is_file() and not same_tokenizer(used, other)
+        except (ValueError, UnicodeDecodeError) as e:   # not JSON: cut short, or a Git LFS pointer
+            raise TrainingError(f"{other} or {used} is not a tokenizer.json ({e}): remake or remove it") from e
+        if differs:
             raise TrainingError(f"{other} is not the tokenizer {args.data_file} was made with ({used}): the "
                                 f"model there learnt other token ids. Remake the data with that tokenizer "
                                 f"(data/make_data.py ... --tokenizer {other}), or delete {other} if the two "
                                 "tokenize alike")
-    if rank_zero_only.rank == 0 and not own.is_file():
-        copy_tokenizer(used, own)
+    return used
 
 
 def check_writable(proj: Path) -> None:
     """Fail now, not at the first save after a mini-epoch of compute, when proj_dir cannot take files."""
     try:
         proj.mkdir(parents=True, exist_ok=True)
-        probe = proj / f".write-test.{os.getpid()}"
+        probe = proj / f".write-test.{secrets.token_hex(8)}"   # not the pid: ranks on several nodes may share one
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise TrainingError(f"--proj_dir {proj} cannot take files ({e.strerror or e}): give a writable folder") from e
 
@@ -406,9 +412,11 @@ def write_init(args: argparse.Namespace) -> int:
     proj = Path(args.proj_dir)
     ckpt, n = find_resume_checkpoint(proj)
     if n >= 0 or (proj / "rwkv-final.pth").is_file():
+        # A rerun of the prepare script (the quickstart again, a resubmitted job): the run's own init stays.
         held = ckpt.name if n >= 0 and ckpt is not None else "rwkv-final.pth"
-        raise TrainingError(f"{proj} holds a run ({held}): stage 2/3 continue it, not a new init, so stage 1 would "
-                            "only replace the run's rwkv-init.pth. Use another --proj_dir to start over")
+        say(f"stage 1: {proj} holds a run ({held}), which stage 2/3 continue: its rwkv-init.pth is left as it is "
+            "(use another --proj_dir to start over)")
+        return 0
     check_writable(proj)
     model = build_model(args)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -586,7 +594,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
             "leaves warmup (it rises from 1% of --lr_init); use fewer")
     start, args.epoch_begin, own = find_start(args)
     check_writable(Path(args.proj_dir))
-    carry_tokenizer(args, start)
+    tokenizer = tokenizer_to_carry(args, start)
     start_step = args.epoch_begin * args.epoch_steps
     if start_step >= total_steps and not own:
         raise TrainingError(f"--epoch_begin {args.epoch_begin} starts at step {start_step}, past this run's "
@@ -606,6 +614,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
                             f"cut it short), move it and {state_path(start).name} out of {plan.proj_dir} to continue "
                             "from the one before") from e
     resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
+    if tokenizer is not None and rank_zero_only.rank == 0 and not (plan.proj_dir / "tokenizer.json").is_file():
+        copy_tokenizer(tokenizer, plan.proj_dir / "tokenizer.json")
     if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth
         if rank_zero_only.rank == 0:
             save_atomic(model.state_dict(), final)

@@ -181,8 +181,10 @@ def save_atomic(obj: Any, path: Path) -> None:
     Created with mode 0o666 less the umask, as open() would: not tempfile.mkstemp, whose 0o600 would
     make every checkpoint readable by its owner only."""
     def failed(e: BaseException) -> TrainingError:
-        return TrainingError(f"cannot write {path}: {_os_cause(e)}; nothing was written under that name and the "
-                             "files before it are intact: make room or fix the folder, then rerun the command")
+        cause = _os_cause(e)
+        return TrainingError(f"cannot write {path}: {cause or load_error(e)}; nothing was written under that name "
+                             "and the files before it are intact"
+                             + (": make room or fix the folder, then rerun the command" if cause else ""))
 
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
@@ -205,14 +207,14 @@ def save_atomic(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _os_cause(e: BaseException) -> str:
+def _os_cause(e: BaseException) -> str | None:
     """The operating system's reason (e.g. "No space left on device") from e or the errors it was raised from."""
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
-    return load_error(e)
+    return None
 
 
 _SAVE_TEMPORARY = re.compile(r"\.rwkv-[\w.-]+\.pth\.[0-9a-f]{16}\.tmp")
@@ -258,7 +260,7 @@ def fitting_flags(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> str:
 
     flags = [f"--{f} {getattr(theirs, f)}" for f in SHAPE_FIELDS if needed(f)]
     return (f"\nThe checkpoint is L{theirs.n_layer}-D{theirs.n_embd} (head_size {theirs.head_size}, vocab "
-            f"{theirs.vocab_size}); to build its shape add: {' '.join(flags)}")
+            f"{theirs.vocab_size})" + (f"; to build its shape add: {' '.join(flags)}" if flags else ""))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -254,9 +254,30 @@ def test_the_tokenizer_goes_beside_the_checkpoints_and_another_one_stops(tmp_pat
     (ft / "train_log.txt").unlink()
     rejected(tiny_flags(prefix, n, ft, epoch_count=2), rf"{ft}/tokenizer.json is not the tokenizer", ft)
 
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(vocab), encoding="utf-8")
     vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = vocab["model"]["vocab"][b], vocab["model"]["vocab"][a]
     data_tokenizer_file(prefix).write_text(json.dumps(vocab), encoding="utf-8")   # same tokenizer, other layout
     assert train.main(tiny_flags(prefix, n, ft, epoch_count=2)) == 0
+    # a new start from elsewhere into a proj_dir that holds another tokenizer: the same stop
+    mixed = tmp_path / "mixed"
+    copy_tokenizer(other, mixed / "tokenizer.json")
+    rejected(tiny_flags(prefix, n, mixed, load_model=run / "rwkv-final.pth", epoch_count=1),
+             rf"{mixed}/tokenizer.json is not the tokenizer {prefix} was made with", mixed)
+
+    # data without a tokenizer beside it (made before make_data wrote one): the start checkpoint's goes on
+    bare = tmp_path / "bare"
+    for ext in ("bin", "idx"):
+        shutil.copy(f"{prefix}.{ext}", f"{bare}.{ext}")
+    from_run = tmp_path / "from_run"
+    assert train.main(tiny_flags(bare, n, from_run, load_model=run / "rwkv-final.pth", epoch_count=1)) == 0
+    assert (from_run / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+
+    # a refused start writes nothing: an SFT command pointed at the unfinished pretraining in `plain`
+    (plain / "rwkv-final.pth").unlink()
+    with pytest.raises(TrainingError, match=rf"{plain} holds a run on binidx data"):
+        train.main(tiny_flags(prefix, n, plain, data_type="sft", sft_whole_seq=1, magic_prime=0, epoch_count=3))
+    assert not (plain / "tokenizer.json").exists()
 
 
 def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
@@ -268,7 +289,7 @@ def test_bad_numbers(data: tuple[Path, int], proj: Path) -> None:
     # optimizer numbers that torch.optim would refuse only once the model and the Trainer are built
     rejected(tiny_flags(prefix, n, proj, lr_init="inf"), r"--lr_init must be > 0 and --lr_final >= 0, both finite",
              proj)
-    rejected(tiny_flags(prefix, n, proj, beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5", proj)
+    rejected(tiny_flags(prefix, n, proj, beta1=1), r"--beta1 must be in \[0, 1\), got 1.0", proj)   # torch refuses 1
     rejected(tiny_flags(prefix, n, proj, beta2=-0.5), r"--beta2 must be in \[0, 1\), got -0.5", proj)
     rejected(tiny_flags(prefix, n, proj, adam_eps=-1), r"--adam_eps must be finite and >= 0, got -1.0", proj)
     rejected(tiny_flags(prefix, n, proj, weight_decay=-0.1), r"--weight_decay must be finite and >= 0", proj)
@@ -286,6 +307,13 @@ def test_notes_on_settings_that_train_but_likely_not_as_meant(data: tuple[Path, 
     args = train.parse_args(tiny_flags(prefix, n, tmp_path, lr_init=1e-4, lr_final=1e-3))
     train.check_machine(args)
     assert "note: --lr_final 0.001 is above --lr_init 0.0001: the lr rises over the run" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="holds no rwkv-init.pth"):   # the note comes before the start is sought
+        train.main(tiny_flags(prefix, n, tmp_path / "empty", warmup_steps=4, epoch_count=1))
+    out = capsys.readouterr().out
+    assert "note: --warmup_steps 4 is not below this run's 4 steps: the lr never leaves warmup" in out
+    with pytest.raises(TrainingError, match="holds no rwkv-init.pth"):
+        train.main(tiny_flags(prefix, n, tmp_path / "empty", warmup_steps=3, epoch_count=1))
+    assert "warmup" not in capsys.readouterr().out
     # SFT data (it has a .mask) given as pretraining data; and conversations longer than the SFT ctx_len
     convs = [{"conversations": [{"role": "user", "content": "hello " * k}, {"role": "assistant", "content": "hi"}]}
              for k in (2, 3, 40, 50)] * 20
@@ -301,16 +329,21 @@ def test_notes_on_settings_that_train_but_likely_not_as_meant(data: tuple[Path, 
             "are never trained") in capsys.readouterr().out
 
 
-def test_stage_1_keeps_a_run_s_init(data: tuple[Path, int], proj: Path) -> None:
+def test_stage_1_keeps_a_run_s_init(data: tuple[Path, int], proj: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rerunning the prepare script (the quickstart again, a resubmitted `prepare && run` job) succeeds and leaves
+    the run's rwkv-init.pth as it is, even with other sizes."""
     prefix, n = data
     assert train.main(tiny_flags(prefix, n, proj, epoch_count=1)) == 0
     before = (proj / "rwkv-init.pth").read_bytes()
-    with pytest.raises(TrainingError, match=rf"{proj} holds a run \(rwkv-0.pth\): stage 2/3 continue it"):
-        train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)])
+    stage_1 = ["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL),
+               "--n_embd", "128"]
+    capsys.readouterr()
+    assert train.main(stage_1) == 0
+    assert f"stage 1: {proj} holds a run (rwkv-0.pth), which stage 2/3 continue: its rwkv-init.pth is left" in \
+        capsys.readouterr().out
     for name in ("rwkv-0.pth", "rwkv-0.state.pth"):
         (proj / name).unlink()
-    with pytest.raises(TrainingError, match=rf"{proj} holds a run \(rwkv-final.pth\)"):
-        train.main(["--train_stage", "1", "--proj_dir", str(proj), "--precision", "fp32", *as_flags(MODEL)])
+    assert train.main(stage_1) == 0 and "holds a run (rwkv-final.pth)" in capsys.readouterr().out
     assert (proj / "rwkv-init.pth").read_bytes() == before
 
 
