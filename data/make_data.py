@@ -43,7 +43,7 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from src.binidx import MMapIndexedDatasetBuilder, strip_suffix
+from src.binidx import MMapIndexedDatasetBuilder, remove_stale_temporaries, strip_suffix
 from src.sampler import magic_prime, too_small_message, windows
 from src.tokenizer import (DEFAULT_SYSTEM, EOT_ID, ROLES, conversation_segments, copy_tokenizer, data_tokenizer_file,
                            load_tokenizer, token_dtype, tokenizer_file)
@@ -348,6 +348,8 @@ def make_data(jsonl: str | Path, n_epoch: int, ctx_len: int, tokenizer: str | Pa
         raise MakeDataError(f"--out {out} is a folder: give a prefix inside it, e.g. --out {Path(out) / path.stem} "
                             f"(writes {Path(out) / path.stem}.bin/.idx)")
     prefix = Path(out) if out is not None else default_out(path)
+    for stale in remove_stale_temporaries(prefix):
+        print(f"[make_data] removed {stale}, left by a run that was killed before it finished", file=sys.stderr)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.get_vocab_size())
     index = index_lines(path)

@@ -16,12 +16,15 @@ PREFIX.mask (this project's addition, written by make_data for SFT data): one ui
 The reader memory-maps both files and checks every field against the file sizes, so a truncated or
 foreign file fails at open with a message naming it. The writer streams: tokens go straight to a
 temporary .bin (only the per-item sizes stay in memory, 4 bytes per document) and the final names
-appear only at `finalize()` via os.replace, .idx last; on any error the temporaries are removed.
+appear only at `finalize()` via os.replace, .idx last; on any error the temporaries are removed (and
+`remove_stale_temporaries` clears those of a builder that was killed outright).
 """
 from __future__ import annotations
 
 import os
+import re
 import struct
+import time
 from array import array
 from pathlib import Path
 
@@ -176,6 +179,21 @@ def open_mask(prefix: str | Path, num_tokens: int) -> np.ndarray:
         raise BinIdxError(f"{path}: {size} bytes but the .bin holds {num_tokens} tokens (one byte per token); "
                           "remake it")
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(num_tokens,))
+
+
+def remove_stale_temporaries(prefix: str | Path, min_age_s: float = 3600.0) -> list[Path]:
+    """Delete the PREFIX.tmp-<pid>.bin/.idx/.mask files of a builder that was killed before finalize()
+    (SIGKILL, the OOM killer): as large as the data they were becoming, and never read. A live builder
+    writes to its .bin with every batch, so files untouched for min_age_s belong to a dead one."""
+    base = Path(strip_suffix(prefix))
+    pattern = re.compile(re.escape(base.name) + r"\.tmp-\d+\.(bin|idx|mask)")
+    now, removed = time.time(), []
+    if base.parent.is_dir():
+        for p in base.parent.iterdir():
+            if pattern.fullmatch(p.name) and p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 class MMapIndexedDatasetBuilder:

@@ -358,6 +358,24 @@ def test_failure_keeps_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "o.bin", "o.idx", "o.tokenizer.json"]
 
 
+def test_temporaries_of_a_killed_run_are_removed(tmp_path, capsys):
+    """A make_data killed outright (SIGKILL, OOM) leaves PREFIX.tmp-<pid>.* as large as the data; the next run
+    for that prefix removes those untouched for an hour, not a live run's, nor other files."""
+    import os
+    import time
+
+    old = [tmp_path / f"o.tmp-123.{ext}" for ext in ("bin", "mask")]
+    fresh, other = tmp_path / "o.tmp-456.bin", tmp_path / "other.tmp-123.bin"
+    for p in (*old, fresh, other):
+        p.write_bytes(b"x" * 10)
+    for p in (*old, other):
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a record"}] * 3)
+    make_data(src, 1, 2, out=tmp_path / "o", progress=False)
+    assert [p.exists() for p in (*old, fresh, other)] == [False, False, True, True]
+    assert f"removed {old[0]}, left by a run that was killed before it finished" in capsys.readouterr().err
+
+
 def test_too_small_for_ctx_is_reported(tmp_path):
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}])
     r = make_data(src, 1, 512, out=tmp_path / "t", progress=False)
