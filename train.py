@@ -48,6 +48,7 @@ from src import sampler
 from src.binidx import BinIdxError, MMapIndexedDataset, mask_file, open_mask, strip_suffix
 from src.dataset import PretrainDataset, SFTDataset
 from src.model import RWKV, ModelConfig
+from src.rnn import CheckpointError
 from src.sampler import SAMPLES_PER_EPOCH
 from src.tokenizer import copy_tokenizer, data_tokenizer_file, model_tokenizer_file, same_tokenizer
 from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor, TrainingStopped,
@@ -608,7 +609,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     try:
         load_weights(model, start)
     except TrainingError as e:
-        if not own:
+        if not own or not isinstance(e.__cause__, CheckpointError):   # a new start, or flags of another shape
             raise
         raise TrainingError(f"{e}\nIt is {plan.proj_dir}'s newest checkpoint: if it is damaged (a copy or a disk "
                             f"cut it short), move it and {state_path(start).name} out of {plan.proj_dir} to continue "

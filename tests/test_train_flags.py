@@ -384,6 +384,9 @@ def test_resume_refuses_moved_mini_epochs_other_data_and_names_a_damaged_checkpo
     with pytest.raises(TrainingError, match=rf"{proj} holds a run on binidx data \({prefix}\); this command trains "
                                             rf"on sft data \({prefix}\)"):
         train.main(tiny_flags(prefix, n, proj, data_type="sft", sft_whole_seq=1, magic_prime=0, epoch_count=3))
+    with pytest.raises(TrainingError, match="does not fit the model built from the flags") as e:
+        train.main(tiny_flags(prefix, n, proj, epoch_count=3, n_layer=3))
+    assert "newest checkpoint" not in str(e.value)       # other flags, not a damaged file
     # a newest checkpoint cut short (a copy interrupted): the error says how to continue from the one before
     (proj / "rwkv-1.pth").write_bytes((proj / "rwkv-1.pth").read_bytes()[:100])
     with pytest.raises(TrainingError, match=rf"(?s)cannot read {proj}/rwkv-1.pth.*\nIt is {proj}'s newest checkpoint: "
