@@ -18,6 +18,7 @@ import torch
 
 from src.dataset import SFTDataset
 from src.model import RWKV, ModelConfig, lm_loss
+from src.tokenizer import tokenizer_file
 from src.trainer import read_train_log
 from tests.test_train_run import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_train_run import wait_for_file
@@ -104,6 +105,10 @@ def test_prepare_pretrain_sft_chain(tmp_path: Path) -> None:
     # with seeds 1-4 (0 if SFT trained nothing), so 0.2 holds with a wide margin.
     before_sft, after_sft = (sft_loss(w / "rwkv-final.pth", sft["DATA_FILE"]) for w in (pt, ft))
     assert after_sft < before_sft - 0.2, (before_sft, after_sft)
+    # the tokenizer make_data used went with the data into both runs' folders, where the chat takes it
+    used = (tmp_path / "pretrain.tokenizer.json").read_bytes()
+    assert used == tokenizer_file(None).read_bytes() == (pt / "tokenizer.json").read_bytes()
+    assert (ft / "tokenizer.json").read_bytes() == used
 
     # rerunning the finished SFT command trains nothing more and keeps the result
     before = (ft / "rwkv-final.pth").read_bytes()
