@@ -52,7 +52,8 @@ from src.rnn import CheckpointError
 from src.sampler import SAMPLES_PER_EPOCH
 from src.tokenizer import copy_tokenizer, data_tokenizer_file, model_tokenizer_file, same_tokenizer
 from src.trainer import (ProgressBar, RunPlan, Schedule, TrainingError, TrainingMonitor, TrainingStopped,
-                         find_resume_checkpoint, load_resume_state, load_weights, save_atomic, state_path)
+                         find_resume_checkpoint, load_resume_state, load_weights, save_atomic, state_path,
+                         weights_fingerprint)
 from src.wkv7.kernel import toolchain_problem
 
 PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
@@ -614,7 +615,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         raise TrainingError(f"{e}\nIt is {plan.proj_dir}'s newest checkpoint: if it is damaged (a copy or a disk "
                             f"cut it short), move it and {state_path(start).name} out of {plan.proj_dir} to continue "
                             "from the one before") from e
-    resume, why = load_resume_state(start, plan) if own else (None, "a new start: fresh optimizer, warmup")
+    resume, why = (load_resume_state(start, plan, weights_fingerprint(model.state_dict())) if own
+                   else (None, "a new start: fresh optimizer, warmup"))
     if tokenizer is not None and rank_zero_only.rank == 0 and not (plan.proj_dir / "tokenizer.json").is_file():
         copy_tokenizer(tokenizer, plan.proj_dir / "tokenizer.json")
     if start_step >= total_steps:   # killed after its last mini-epoch's save, before rwkv-final.pth

@@ -309,8 +309,17 @@ def check_resume_position(weights: Path, state: dict[str, Any], plan: RunPlan) -
         rank_zero_warn(f"{weights.name} was trained on {data_file}; its run continues on {plan.data[0]}")
 
 
-def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | None, str]:
-    """The exact-resume state saved beside `weights`, or (None, why it cannot be used)."""
+def weights_fingerprint(sd: Mapping[str, Tensor]) -> tuple[float, float]:
+    """(sum, sum of squares) of emb.weight in float64: tells the weights a state file was saved with from
+    others (a rwkv-N.pth copied in from another run) without storing them twice."""
+    emb = sd["emb.weight"].detach().double()
+    return float(emb.sum()), float(emb.square().sum())
+
+
+def load_resume_state(weights: Path, plan: RunPlan,
+                      fingerprint: tuple[float, float] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """The exact-resume state saved beside `weights`, or (None, why it cannot be used). `fingerprint`:
+    weights_fingerprint of the weights loaded from `weights`, checked against the state's."""
     path = state_path(weights)
     if not path.is_file():
         return None, f"{path.name} not found"
@@ -321,6 +330,11 @@ def load_resume_state(weights: Path, plan: RunPlan) -> tuple[dict[str, Any] | No
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         return None, f"{path.name} has format {found}, this code reads {STATE_FORMAT}"
+    saved = state.get("weights")   # absent in states written before the fingerprint was
+    # float64 sums on another device or in another order agree to ~1e-15 relative
+    if fingerprint is not None and saved is not None and not all(
+            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(saved, fingerprint)):
+        return None, f"{path.name} was saved with other weights than {weights.name} (copied from another run?)"
     check_resume_position(weights, state, plan)
     if state["plan"] != plan.resume_key():
         return None, f"{path.name} was saved with {state['plan']}, this run has {plan.resume_key()}"
@@ -617,7 +631,7 @@ class TrainingMonitor(pl.Callback):
         if with_state:
             state = {"format": STATE_FORMAT, "step": self.step, "warm_step": self.warm_step,
                      "plan": self.plan.resume_key(), "world_size": trainer.world_size, "optimizer": None,
-                     "deepspeed_dir": None, "data": list(self.plan.data)}
+                     "deepspeed_dir": None, "data": list(self.plan.data), "weights": weights_fingerprint(weights)}
             if deepspeed:
                 ds_dir = path.with_suffix(".ds")
                 strategy.deepspeed_engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)

@@ -394,6 +394,20 @@ def test_resume_refuses_moved_mini_epochs_other_data_and_names_a_damaged_checkpo
         train.main(tiny_flags(prefix, n, proj, epoch_count=3))
 
 
+def test_weights_copied_from_another_run_resume_without_this_run_s_optimizer(data: tuple[Path, int], proj: Path,
+                                                                              tmp_path: Path) -> None:
+    prefix, n = data
+    other = tmp_path / "other"
+    assert train.main(["--train_stage", "1", "--proj_dir", str(other), "--precision", "fp32", *as_flags(MODEL)]) == 0
+    for run in (proj, other):
+        assert train.main(tiny_flags(prefix, n, run, epoch_count=2)) == 0
+    shutil.copy(other / "rwkv-1.pth", proj / "rwkv-1.pth")
+    (proj / "rwkv-final.pth").unlink()
+    assert train.main(tiny_flags(prefix, n, proj, epoch_count=3)) == 0
+    assert ("weights only: rwkv-1.state.pth was saved with other weights than rwkv-1.pth (copied from another "
+            "run?)") in (proj / "train_log.txt").read_text()
+
+
 def test_data_file_given_with_its_suffix_carries_the_tokenizer(data: tuple[Path, int], proj: Path,
                                                                tmp_path: Path) -> None:
     from src.tokenizer import copy_tokenizer, data_tokenizer_file, tokenizer_file

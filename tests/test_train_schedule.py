@@ -131,6 +131,13 @@ def test_resume_state_must_fit_the_run(tmp_path: Path) -> None:
              "optimizer": {}, "deepspeed_dir": None}
     save_atomic(state, state_path(weights))
     assert load_resume_state(weights, plan)[0] == state
+    # the weights it was saved with: a rwkv-N.pth copied in from another run does not get this run's moments
+    save_atomic({**state, "weights": (0.25, 3.0)}, state_path(weights))
+    assert load_resume_state(weights, plan, fingerprint=(0.25 + 1e-13, 3.0))[0] is not None
+    assert load_resume_state(weights, plan, fingerprint=(0.25, 3.0001)) == (
+        None, "rwkv-1.state.pth was saved with other weights than rwkv-1.pth (copied from another run?)")
+    save_atomic(state, state_path(weights))
+    assert load_resume_state(weights, plan, fingerprint=(0.25, 3.0))[0] == state   # states saved before: no check
     # another batch size with mini-epochs of the same samples (the default epoch_steps, 40320 // real_bsz): the
     # run continues at the right sample, with weights only
     save_atomic({**state, "plan": {**plan.resume_key(), "real_bsz": 8, "epoch_steps": 5}}, state_path(weights))
