@@ -379,7 +379,7 @@ def tokenizer_to_carry(args: argparse.Namespace, start: Path) -> Path | None:
     for other in dict.fromkeys((theirs, Path(args.proj_dir) / "tokenizer.json")):
         try:
             differs = other.is_file() and not same_tokenizer(used, other)
-        except (ValueError, UnicodeDecodeError) as e:   # not JSON: cut short, or a Git LFS pointer
+        except ValueError as e:   # not JSON (UnicodeDecodeError is one too): cut short, or a Git LFS pointer
             raise TrainingError(f"{other} or {used} is not a tokenizer.json ({e}): remake or remove it") from e
         if differs:
             raise TrainingError(f"{other} is not the tokenizer {args.data_file} was made with ({used}): the "

@@ -259,6 +259,12 @@ def test_the_tokenizer_goes_beside_the_checkpoints_and_another_one_stops(tmp_pat
     vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = vocab["model"]["vocab"][b], vocab["model"]["vocab"][a]
     data_tokenizer_file(prefix).write_text(json.dumps(vocab), encoding="utf-8")   # same tokenizer, other layout
     assert train.main(tiny_flags(prefix, n, ft, epoch_count=2)) == 0
+    # a tokenizer.json that is not JSON (cut short, a Git LFS pointer): one line, not a traceback
+    lfs = tmp_path / "lfs"
+    copy_tokenizer(other, lfs / "tokenizer.json")
+    (lfs / "tokenizer.json").write_text("version https://git-lfs.github.com/spec/v1\n")
+    rejected(tiny_flags(prefix, n, lfs, load_model=run / "rwkv-final.pth", epoch_count=1),
+             rf"{lfs}/tokenizer.json or {prefix}.tokenizer.json is not a tokenizer.json \(", lfs)
     # a new start from elsewhere into a proj_dir that holds another tokenizer: the same stop
     mixed = tmp_path / "mixed"
     copy_tokenizer(other, mixed / "tokenizer.json")
